@@ -1,0 +1,3 @@
+from distill_pipe.cli import main
+
+main()

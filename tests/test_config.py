@@ -1,0 +1,65 @@
+import pytest
+
+from distill_pipe.config import ConfigError, TrainConfig, config_from_dict, load_config
+
+from conftest import REPO
+
+
+def test_repository_params_load():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.teacher.model == "builtin:smollm2-135m"
+    assert cfg.data.source == "builtin:pydoc"
+    assert set(cfg.students) >= {"kd20", "ce20"}
+    assert cfg.students["ce20"].train.alpha == 1.0
+    # a student inherits every train default it does not override
+    assert cfg.students["kd20"].train.learning_rate == cfg.train.learning_rate
+
+
+def test_overrides_parse_yaml_scalars_and_lists(tmp_path):
+    cfg = load_config(REPO / "params.yaml", ["data.seq_len=64", "teacher_logits.codec_params={step: 0.125}",
+                                              "students.kd20.init.from_teacher={layers: [0, 2, 29]}",
+                                              "students.kd20.alpha=0.25", "train.max_steps=null"])
+    assert cfg.data.seq_len == 64
+    assert cfg.teacher_logits.codec_params == {"step": 0.125}
+    assert cfg.students["kd20"].init == {"from_teacher": {"layers": [0, 2, 29]}}
+    assert cfg.students["kd20"].train.alpha == 0.25
+    assert cfg.train.max_steps is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_len=1", "data.seq_len must be >= 2, got 1"),
+    ("data.sequence_length=4", "unknown key data.sequence_length"),
+    ("dat.seq_len=4", "unknown section 'dat'"),
+    ("data.seq_len=abc", "data.seq_len must be int, got 'abc'"),
+    ("data.validation_fraction=1.0", "data.validation_fraction must be in (0, 1), got 1.0"),
+    ("data.validation_fraction=0", "data.validation_fraction must be in (0, 1), got 0"),
+    ("train.alpha=1.5", "train.alpha must be in [0, 1], got 1.5"),
+    ("train.temperature=0", "train.temperature must be > 0, got 0"),
+    ("students.kd20.temperature=-1", "students.kd20.temperature must be > 0, got -1"),
+    ("students.kd20.learning_rat=1", "unknown key students.kd20.learning_rat"),
+    ("teacher.dtype=float8", "teacher.dtype must be float32 or bfloat16"),
+    ("teacher_logits.codec=zip", "teacher_logits.codec must be one of"),
+    ("seq_len", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "params.yaml", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_student_init_is_checked():
+    with pytest.raises(ConfigError, match="students.s.init must be a mapping with exactly one of"):
+        config_from_dict({"students": {"s": {"init": {"from_scratch": {}}}}})
+    with pytest.raises(ConfigError, match=r"students.s.init.from_teacher must be"):
+        config_from_dict({"students": {"s": {"init": {"from_teacher": {"num_layers": 0}}}}})
+
+
+def test_missing_params_file_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_float_fields_accept_ints():
+    assert config_from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
+    assert isinstance(TrainConfig().temperature, float)
