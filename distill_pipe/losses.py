@@ -1,0 +1,225 @@
+"""Distillation losses: pure functions over documented shapes that return SUMS and token counts.
+
+Nothing here divides by a token count. The trainer normalises once per optimizer step, by the
+global count of target tokens of the whole step (all micro-batches, all ranks), which is what makes
+gradient accumulation and data parallelism exact.
+
+Shapes: B batch, L sequence length, N = B*L flattened positions, V vocabulary,
+M counted positions (target != IGNORE_INDEX), C rows of one chunk.
+
+For one position with student logits z (V,), target y and teacher logits t (V,), at temperature T:
+
+    loss  = alpha * CE(z, y) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(z/T))
+    dloss/dz = alpha * (softmax(z) - onehot(y)) + (1 - alpha) * T * (softmax(z/T) - softmax(t/T))
+
+The forward pass walks the counted positions in chunks, computes both terms and that gradient in
+fp32, and stores the gradient in the student logits' dtype; backward only scales it. So each teacher
+chunk is formed exactly once (the factored codec pays a matmul per chunk), and the extra memory is
+O(C*V) fp32 plus one (N, V) gradient in the student dtype: never a full (N, V) fp32 tensor.
+A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+"""Target value of positions excluded from every term and from the token count."""
+
+TeacherLogitsFn = Callable[[int, int], torch.Tensor]
+"""(start, end) -> float32 (end - start, V): teacher logits, up to an additive constant per row, of the
+flattened positions [start, end), on the student's device. May contain -inf (zero probability)."""
+
+
+@dataclass
+class LossSums:
+    """Sums over the counted positions of one micro-batch; divide by the global count, once."""
+
+    loss: torch.Tensor
+    """Scalar fp32, differentiable: alpha*ce + (1-alpha)*T^2*kl."""
+    ce: torch.Tensor
+    """Scalar fp32, detached: cross-entropy sum (at T=1)."""
+    kl: torch.Tensor
+    """Scalar fp32, detached: KL(teacher_T || student_T) sum, without the T^2 factor; 0 when alpha == 1."""
+    num_tokens: int
+    """Counted positions (target != IGNORE_INDEX)."""
+
+
+def shift_for_next_token(
+    input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token targets (B, L) int64: targets[:, t] = ids[:, t+1].
+
+    The last position has no next token; with a mask, a position is ignored when either it or its
+    target is padding (covers left and right padding). Ignored positions hold IGNORE_INDEX.
+    """
+    targets_BL = torch.full_like(input_ids_BL, IGNORE_INDEX, dtype=torch.long)
+    targets_BL[:, :-1] = input_ids_BL[:, 1:]
+    if attention_mask_BL is not None:
+        keep_BL = torch.zeros_like(targets_BL, dtype=torch.bool)
+        keep_BL[:, :-1] = attention_mask_BL[:, :-1].bool() & attention_mask_BL[:, 1:].bool()
+        targets_BL.masked_fill_(~keep_BL, IGNORE_INDEX)
+    return targets_BL
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    """Number of positions that count (target != IGNORE_INDEX), any shape."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def check_hparams(alpha: float, temperature: float) -> None:
+    """Raise ValueError naming the params key when alpha or temperature is out of range."""
+    if not 0.0 <= alpha <= 1.0:  # also rejects NaN
+        raise ValueError(f"train.alpha must be in [0, 1], got {alpha}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"train.temperature must be > 0 (and finite), got {temperature}")
+
+
+def ce_sum(
+    student_logits_NV: torch.Tensor, targets_N: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """(differentiable scalar fp32 CE sum over counted positions, number of counted positions)."""
+    sums = _weighted_sums(student_logits_NV, targets_N, None, 1.0, 0.0, 1.0, chunk_size)
+    return sums.loss, sums.num_tokens
+
+
+def kl_sum(
+    student_logits_NV: torch.Tensor,
+    teacher_logits_fn: TeacherLogitsFn,
+    targets_N: torch.Tensor,
+    temperature: float,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Differentiable scalar fp32 sum of KL(softmax(t/T) || softmax(z/T)) over counted positions."""
+    check_hparams(0.0, temperature)
+    return _weighted_sums(
+        student_logits_NV, targets_N, teacher_logits_fn, 0.0, 1.0, temperature, chunk_size
+    ).loss
+
+
+def hybrid_loss(
+    student_logits_NV: torch.Tensor,
+    targets_N: torch.Tensor,
+    teacher_logits_fn: TeacherLogitsFn | None,
+    *,
+    alpha: float,
+    temperature: float,
+    chunk_size: int = 1024,
+) -> LossSums:
+    """alpha*CE + (1-alpha)*T^2*KL summed over counted positions (see the module docstring).
+
+    student_logits_NV: (N, V) any float dtype; targets_N: (N,) int, IGNORE_INDEX where excluded.
+    teacher_logits_fn is never called when alpha == 1 (plain LM training) and may then be None.
+    """
+    check_hparams(alpha, temperature)
+    if alpha < 1 and teacher_logits_fn is None:
+        raise ValueError(f"hybrid_loss needs teacher_logits_fn when train.alpha < 1, got alpha={alpha}")
+    kl_weight = (1.0 - alpha) * temperature**2
+    return _weighted_sums(
+        student_logits_NV, targets_N, teacher_logits_fn, alpha, kl_weight, temperature, chunk_size
+    )
+
+
+def _weighted_sums(
+    student_logits_NV: torch.Tensor,
+    targets_N: torch.Tensor,
+    teacher_logits_fn: TeacherLogitsFn | None,
+    ce_weight: float,
+    kl_weight: float,
+    temperature: float,
+    chunk_size: int,
+) -> LossSums:
+    """LossSums with loss = ce_weight * CE + kl_weight * KL; the teacher is read only if kl_weight."""
+    assert student_logits_NV.dim() == 2, f"student logits must be (N, V), got {tuple(student_logits_NV.shape)}"
+    assert targets_N.shape == student_logits_NV.shape[:1], (
+        f"targets {tuple(targets_N.shape)} do not match logits {tuple(student_logits_NV.shape)}"
+    )
+    assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
+    assert kl_weight == 0 or teacher_logits_fn is not None, "the KL term needs teacher_logits_fn"
+    chunks = _plan_chunks(targets_N, chunk_size)
+    # Under no_grad (eval) skip the (N, V) gradient buffer; needs_input_grad ignores grad mode.
+    build_grad = torch.is_grad_enabled() and student_logits_NV.requires_grad
+    loss, ce, kl = _HybridSums.apply(
+        student_logits_NV, targets_N, teacher_logits_fn if kl_weight else None,
+        ce_weight, kl_weight, temperature, chunks, build_grad,
+    )
+    return LossSums(loss=loss, ce=ce, kl=kl, num_tokens=sum(len(rows) for _, _, rows in chunks))
+
+
+def _plan_chunks(targets_N: torch.Tensor, chunk_size: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Split the counted positions into chunks: (start, end, rows_C) with end - start <= chunk_size.
+
+    Each chunk starts at a counted position and ends after its last counted one, so runs of ignored
+    positions (padding) between chunks are never handed to the teacher; rows_C (on the targets'
+    device) are the counted positions inside [start, end).
+    """
+    rows_M = (targets_N != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
+    positions = rows_M.tolist()  # one device sync, for the chunk bounds
+    chunks, i = [], 0
+    while i < len(positions):
+        start = positions[i]
+        j = bisect.bisect_left(positions, start + chunk_size, lo=i)
+        chunks.append((start, positions[j - 1] + 1, rows_M[i:j]))
+        i = j
+    return chunks
+
+
+class _HybridSums(torch.autograd.Function):
+    """(loss, ce, kl) sums; the gradient w.r.t. the student logits is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits_NV, targets_N, teacher_logits_fn, ce_weight, kl_weight,
+                temperature, chunks, build_grad):
+        V = student_logits_NV.shape[1]
+        fp32 = dict(dtype=torch.float32, device=student_logits_NV.device)
+        ce, kl = torch.zeros((), **fp32), torch.zeros((), **fp32)
+        grad_NV = torch.zeros_like(student_logits_NV) if build_grad else None
+        for start, end, rows_C in chunks:
+            z_CV = student_logits_NV.index_select(0, rows_C).float()
+            y_C1 = targets_N.index_select(0, rows_C).unsqueeze(1).long()
+            logp_CV = z_CV.log_softmax(-1)  # student at T=1
+            ce += -logp_CV.gather(1, y_C1).sum()
+            if build_grad:
+                g_CV = logp_CV.exp_().scatter_add_(1, y_C1, torch.full_like(y_C1, -1, dtype=torch.float32))
+                g_CV.mul_(ce_weight)  # ce_weight * (softmax(z) - onehot(y)); logp_CV is now consumed
+            del logp_CV
+            if teacher_logits_fn is not None:
+                t_CV = teacher_logits_fn(start, end)
+                assert t_CV.shape == (end - start, V), (
+                    f"teacher logits for [{start}, {end}) are {tuple(t_CV.shape)}, expected {(end - start, V)}"
+                )
+                if len(rows_C) < end - start:
+                    t_CV = t_CV.index_select(0, rows_C - start)
+                log_p_CV = (t_CV.float() / temperature).log_softmax(-1)
+                del t_CV
+                p_CV = log_p_CV.exp()
+                log_q_CV = (z_CV / temperature).log_softmax(-1)
+                # 0 * log 0 = 0: a -inf teacher logit (zero probability) must not give -inf - x = NaN.
+                term_CV = (log_p_CV - log_q_CV).masked_fill_(p_CV == 0, 0.0).mul_(p_CV)
+                kl += term_CV.sum()
+                del term_CV, log_p_CV
+                if build_grad:  # d(kl_weight * KL)/dz = kl_weight / T * (q_T - p_T)
+                    g_CV.add_(log_q_CV.exp_().sub_(p_CV), alpha=kl_weight / temperature)
+                del p_CV, log_q_CV
+            if build_grad:
+                grad_NV.index_copy_(0, rows_C, g_CV.to(grad_NV.dtype))
+                del g_CV
+        ctx.grad_NV = grad_NV
+        loss = ce_weight * ce + kl_weight * kl
+        ctx.mark_non_differentiable(ce, kl)
+        return loss, ce, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_ce, grad_kl):
+        grad_NV = ctx.grad_NV
+        # Scaling in place keeps one (N, V) buffer instead of two; it can therefore be used once.
+        assert grad_NV is not None, "hybrid loss backward ran twice (retain_graph is not supported)"
+        ctx.grad_NV = None
+        return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None
