@@ -1,0 +1,84 @@
+"""Store format v1: names, constants, errors and the on-disk layout rules shared by writer and reader.
+
+Layout (a Zarr v3 group; readable with `zarr` alone, see README "The logit store"):
+
+    <root>/zarr.json           group attributes (`info`): format, format_version, codec, shapes, lineage
+    <root>/head/               factored codec only: weight (V, d) float32, [bias (V,)],
+                               [encode_transform, transform (d, d)] for rotated/klt hidden dtypes
+    <root>/<split>/input_ids   (N, L) int32
+    <root>/<split>/<payload>   (N, L, ...) the codec's arrays, one zarr shard = `shard_size` whole sequences
+    <root>/<split>/done        (num_shards,) uint8, one object per flag; 1 = shard k written completely
+
+The group attributes are written last at creation, so a half-created store has no `format` and is
+refused as "not a store".
+"""
+
+FORMAT_NAME = "distill-pipe-logits"
+FORMAT_VERSION = 1
+HEAD_GROUP = "head"
+DONE_ARRAY = "done"
+INPUT_IDS_ARRAY = "input_ids"
+# Inner chunks of payload arrays hold at most this many bytes (uncompressed).
+INNER_CHUNK_BYTES = 2 * 2**20
+RESUME_HINT = "rerun `distill-pipe teacher-logits` to finish them"
+
+
+class StoreError(ValueError):
+    """Any problem with a logit store that the user can act on."""
+
+
+class NotAStoreError(StoreError):
+    """The path holds no (completely created) distill-pipe logit store."""
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer distill-pipe."""
+
+
+class StoreIncompleteError(StoreError):
+    """Some shards of a split have not been written yet."""
+
+
+class StoreCorruptError(StoreError):
+    """A shard's data cannot be read back."""
+
+
+def format_ranges(indices) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    idx = sorted(set(int(i) for i in indices))
+    parts: list[str] = []
+    start = prev = None
+    for i in idx:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+    return ", ".join(parts)
+
+
+def incomplete_message(split: str, missing, num_shards: int) -> str:
+    word = "shard" if len(set(missing)) == 1 else "shards"
+    return f"{split} {word} {format_ranges(missing)} of {num_shards} missing; {RESUME_HINT}"
+
+
+def num_shards_for(num_sequences: int, shard_size: int) -> int:
+    return -(-num_sequences // shard_size)
+
+
+def shard_key(array_path: str, shard_index: int, ndim: int) -> str:
+    """Store key of shard `shard_index` of a payload array (sharded along axis 0 only)."""
+    return "/".join([array_path, "c", str(shard_index)] + ["0"] * (ndim - 1))
+
+
+def inner_chunk_len(seq_len: int, row_bytes: int) -> int:
+    """Positions per inner chunk: the largest divisor of seq_len whose chunk fits INNER_CHUNK_BYTES."""
+    best = 1
+    for n in range(1, seq_len + 1):
+        if seq_len % n == 0 and n * row_bytes <= INNER_CHUNK_BYTES:
+            best = n
+    return best

@@ -1,0 +1,295 @@
+"""Reading a logit store: `open_store`, `LogitStore`, `TeacherBatch`.
+
+Shapes: N sequences in a split, L seq_len, B batch, P = B*L flattened positions, V vocab, d hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.sync import sync
+
+from distill_pipe import __version__
+from distill_pipe.store.codecs import Codec, Head, make_codec
+from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
+                                       NotAStoreError, StoreCorruptError, StoreError, StoreIncompleteError,
+                                       StoreVersionError, incomplete_message, shard_key)
+
+
+def is_url(path_or_url) -> bool:
+    return "://" in str(path_or_url)
+
+
+@dataclass
+class TeacherBatch:
+    """Compact teacher payload for B sequences; logits are formed chunk by chunk on the batch's device."""
+
+    codec: Codec
+    payload: dict[str, torch.Tensor]  # name -> (P, ...) compact rows, P = B*L
+    head: Head | None
+    batch_size: int
+    seq_len: int
+
+    @property
+    def num_positions(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.payload.values())).device
+
+    def to(self, device, non_blocking: bool = False) -> TeacherBatch:
+        payload = {k: v.to(device, non_blocking=non_blocking) for k, v in self.payload.items()}
+        head = None if self.head is None else self.head.to(device)
+        return TeacherBatch(self.codec, payload, head, self.batch_size, self.seq_len)
+
+    def logits(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """(end-start, V) float32 teacher logits (up to a constant per row) of flattened positions [start, end)."""
+        end = self.num_positions if end is None else end
+        if not 0 <= start <= end <= self.num_positions:
+            raise ValueError(f"positions [{start}, {end}) are outside this batch's [0, {self.num_positions})")
+        return self.codec.decode({k: v[start:end] for k, v in self.payload.items()}, self.head)
+
+
+class LogitStore:
+    """An opened logit store. Use `open_store` / `create_store` rather than the constructor."""
+
+    def __init__(self, root: zarr.Group, location: str, mode: str):
+        self._root = root
+        self.location = location
+        self.mode = mode
+        info = dict(root.attrs)
+        if info.get("format") != FORMAT_NAME:
+            raise NotAStoreError(f"{location} is not a distill-pipe logit store (no format '{FORMAT_NAME}' "
+                                 "in its attributes; an interrupted creation looks the same): recreate it")
+        version = info.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreVersionError(f"{location} has store format version {version}, this distill-pipe "
+                                    f"{__version__} reads up to {FORMAT_VERSION}: upgrade distill-pipe")
+        self.info = info
+        self.codec: Codec = make_codec(info["codec"]["name"], **info["codec"]["params"])
+        self._arrays: dict[str, zarr.Array] = {}
+        self._present: set[tuple[str, int]] = set()  # (array path, shard) found on storage
+        self._head: Head | None = None
+        self._known_done: dict[str, set[int]] = {}  # shards seen complete (they never become incomplete)
+        self._specs = self.codec.payload_specs(self.vocab_size, self.hidden_size)
+        self._check_shapes()
+        self.head  # noqa: B018 - load the head (and a factored codec's transforms) now
+
+    # ---- metadata -------------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return list(self.info["splits"])
+
+    @property
+    def seq_len(self) -> int:
+        return self.info["seq_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info["vocab_size"]
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.info.get("hidden_size")
+
+    @property
+    def shard_size(self) -> int:
+        return self.info["shard_size"]
+
+    @property
+    def payload_names(self) -> list[str]:
+        return list(self._specs)
+
+    def _split_info(self, split: str) -> dict:
+        if split not in self.info["splits"]:
+            raise ValueError(f"split {split!r} is not in the store {self.location} (it has {self.splits})")
+        return self.info["splits"][split]
+
+    def num_sequences(self, split: str) -> int:
+        return self._split_info(split)["num_sequences"]
+
+    def num_shards(self, split: str) -> int:
+        return self._split_info(split)["num_shards"]
+
+    def shard_range(self, split: str, k: int) -> tuple[int, int]:
+        """Sequence indices [start, stop) of shard k."""
+        if not 0 <= k < self.num_shards(split):
+            raise ValueError(f"{split} has shards 0..{self.num_shards(split) - 1}, not {k}")
+        return k * self.shard_size, min((k + 1) * self.shard_size, self.num_sequences(split))
+
+    def array(self, split: str, name: str) -> zarr.Array:
+        """A split's zarr array (input_ids, done or a payload array); writable when opened with mode r+."""
+        path = f"{split}/{name}"
+        if path not in self._arrays:
+            self._split_info(split)
+            try:
+                arr = self._root[path]
+            except KeyError:
+                raise StoreCorruptError(f"{self.location}: array {path} is missing") from None
+            if self.mode != "r":
+                # Each writer owns whole shards, so skipping the empty-chunk check is safe and ~2x faster.
+                arr = arr.with_config({"write_empty_chunks": True})
+            self._arrays[path] = arr
+        return self._arrays[path]
+
+    def input_ids(self, split: str) -> zarr.Array:
+        """(N, L) int32 zarr array; slicing gives numpy."""
+        return self.array(split, INPUT_IDS_ARRAY)
+
+    def _check_shapes(self) -> None:
+        for split in self.splits:
+            n = self.num_sequences(split)
+            for name, spec in self._specs.items():
+                want = (n, self.seq_len, *spec.trailing)
+                got = tuple(self.array(split, name).shape)
+                if got != want:
+                    raise StoreError(f"{self.location}: payload {split}/{name} has shape {got} but the store's "
+                                     f"attributes and codec {self.codec} say {want}")
+        if self.codec.name == "factored":
+            try:
+                w = self._root[f"{HEAD_GROUP}/weight"]
+            except KeyError:
+                raise StoreCorruptError(f"{self.location}: factored store without {HEAD_GROUP}/weight") from None
+            want = (self.vocab_size, self.hidden_size)
+            if tuple(w.shape) != want:
+                raise StoreError(f"{self.location}: head/weight has shape {tuple(w.shape)} (V, d) but the payload "
+                                 f"hidden states need (V, d) = {want} (vocab_size {self.vocab_size}, hidden "
+                                 f"size {self.hidden_size}): payload and head come from different teachers")
+
+    # ---- head -----------------------------------------------------------------------------------
+    @property
+    def head(self) -> Head | None:
+        """The factored codec's output head (CPU, float32), loaded once; None for dense codecs."""
+        if self.codec.name != "factored":
+            return None
+        if self._head is None:
+            g = self._root[HEAD_GROUP]
+            names = set(g.array_keys())
+            tensor = lambda n: torch.from_numpy(np.asarray(g[n][...], dtype=np.float32))  # noqa: E731
+            transform = None
+            if getattr(self.codec, "uses_transform", False):
+                if not {"transform", "encode_transform"} <= names:
+                    raise StoreCorruptError(f"{self.location}: codec {self.codec} needs {HEAD_GROUP}/transform "
+                                            "and encode_transform")
+                transform = tensor("transform")
+                # the opened store's codec can encode more shards (resume) with the stored transform
+                self.codec.enc_DD, self.codec.dec_DD = tensor("encode_transform"), transform
+            self._head = Head(tensor("weight"), tensor("bias") if "bias" in names else None,
+                              g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), transform)
+        return self._head
+
+    # ---- completion -----------------------------------------------------------------------------
+    def completed_shards(self, split: str) -> set[int]:
+        """Shards whose completion flag is set (read fresh from storage)."""
+        done = set(np.flatnonzero(self.array(split, DONE_ARRAY)[:]).tolist())
+        self._known_done[split] = done
+        return set(done)
+
+    def check_complete(self, split: str, shards=None) -> None:
+        """Raise StoreIncompleteError naming the missing shards (of `shards`, default all)."""
+        wanted = set(range(self.num_shards(split))) if shards is None else set(int(k) for k in shards)
+        if wanted <= self._known_done.get(split, set()):
+            return  # flags only ever go 0 -> 1: no need to re-read them for every batch
+        missing = wanted - self.completed_shards(split)
+        if missing:
+            raise StoreIncompleteError(f"{self.location}: " + incomplete_message(split, missing,
+                                                                                 self.num_shards(split)))
+
+    # ---- payload --------------------------------------------------------------------------------
+    def _read_shard_rows(self, split: str, k: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Payload rows (sorted global sequence indices, all inside shard k) -> name -> (n, L, ...)."""
+        out = {}
+        for name in self._specs:
+            arr = self.array(split, name)
+            key = shard_key(arr.path, k, arr.ndim)
+            try:
+                if (arr.path, k) not in self._present:
+                    # A missing shard object would silently read back as fill values.
+                    if not sync(arr.store_path.store.exists(key)):
+                        raise FileNotFoundError("object not found")
+                    self._present.add((arr.path, k))
+                start, stop = int(rows[0]), int(rows[-1]) + 1
+                if stop - start == len(rows):
+                    out[name] = arr[start:stop]
+                else:
+                    out[name] = arr.oindex[rows]
+            except Exception as e:  # any failure to fetch or decompress one shard object
+                raise StoreCorruptError(f"{self.location}: {split} shard {k} is corrupt ({key}: "
+                                        f"{type(e).__name__}: {e}); delete it and rerun "
+                                        "`distill-pipe teacher-logits`") from e
+        return out
+
+    def teacher_batch(self, split: str, indices: Sequence[int]) -> TeacherBatch:
+        """Compact CPU payload for sequences `indices` (any order, repeats allowed)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.num_sequences(split)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"sequence indices must be non-empty and in [0, {n}) for split {split}")
+        shard_of = idx // self.shard_size
+        self.check_complete(split, set(shard_of.tolist()))
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
+        uniq_shard = uniq // self.shard_size
+        for k in np.unique(uniq_shard):
+            for name, rows in self._read_shard_rows(split, int(k), uniq[uniq_shard == k]).items():
+                parts[name].append(rows)
+        payload = {}
+        for name, spec in self._specs.items():
+            rows_ULX = np.concatenate(parts[name])[inverse]  # (B, L, ...)
+            payload[name] = torch.from_numpy(rows_ULX.reshape(idx.size * self.seq_len, *spec.trailing))
+        return TeacherBatch(self.codec, payload, self.head, idx.size, self.seq_len)
+
+    def logprobs(self, split: str, i: int) -> torch.Tensor:
+        """(L, V) float32 log_softmax at T=1 of sequence i."""
+        return torch.log_softmax(self.teacher_batch(split, [i]).logits(), -1)
+
+    def verify(self, split: str | None = None) -> list[tuple[str, int, str]]:
+        """Read and decompress every shard (checksums) and sanity-check its payload.
+
+        Returns (split, shard, problem) for each failing or unfinished shard; the others still read.
+        """
+        failures = []
+        for s in self.splits if split is None else [split]:
+            done = self.completed_shards(s)
+            for k in range(self.num_shards(s)):
+                if k not in done:
+                    failures.append((s, k, "not written (incomplete)"))
+                    continue
+                start, stop = self.shard_range(s, k)
+                try:
+                    rows = self._read_shard_rows(s, k, np.arange(start, stop))
+                except StoreCorruptError as e:
+                    failures.append((s, k, str(e)))
+                    continue
+                problem = self.codec.check_payload(rows)
+                if problem:
+                    failures.append((s, k, problem))
+        return failures
+
+    def __repr__(self) -> str:
+        return f"LogitStore({self.location!r}, codec={self.codec}, splits={self.splits})"
+
+
+def open_group(path_or_url, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    if is_url(path_or_url):
+        return zarr.open_group(str(path_or_url), mode=mode, storage_options=storage_options)
+    return zarr.open_group(zarr.storage.LocalStore(str(path_or_url), read_only=(mode == "r")), mode=mode)
+
+
+def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None) -> LogitStore:
+    """Open a store at a local path or fsspec URL (memory://, s3:// with s3fs); mode 'r' or 'r+'."""
+    if mode not in ("r", "r+"):
+        raise ValueError(f"open_store: mode must be 'r' or 'r+', got {mode!r}")
+    try:
+        root = open_group(path_or_url, mode, storage_options)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
+            zarr.errors.ContainsArrayError) as e:
+        raise NotAStoreError(f"{path_or_url} is not a distill-pipe logit store ({type(e).__name__}): "
+                             "check the path, or create it with `distill-pipe teacher-logits`") from None
+    return LogitStore(root, str(path_or_url), mode)

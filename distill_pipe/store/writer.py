@@ -1,0 +1,215 @@
+"""Writing a logit store: `create_store` (all metadata, once, before any worker) and `ShardWriter`.
+
+A writer owns whole shards: zarr rewrites a whole shard object on every write, so two writers touching
+one shard silently lose rows (DESIGN.md). Shard k's `done[k] = 1` is written after its data; resume
+trusts only that flag.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import ZstdCodec
+
+from distill_pipe import __version__
+from distill_pipe.store.codecs import Codec, make_codec
+from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
+                                       StoreError, inner_chunk_len, num_shards_for)
+from distill_pipe.store.reader import LogitStore, open_group, open_store
+
+RESERVED_ATTRS = ("format", "format_version", "codec", "shard_size", "seq_len", "vocab_size", "hidden_size",
+                  "splits", "versions", "created")
+
+
+def _versions() -> dict:
+    out = {"distill-pipe": __version__}
+    for pkg in ("torch", "transformers", "zarr", "numcodecs"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], codec: Codec | str,
+                 shard_size: int, vocab_size: int, hidden_size: int | None = None, head: dict | None = None,
+                 overwrite: bool = False, storage_options: dict | None = None) -> LogitStore:
+    """Create the whole store layout (attributes last) and return it opened for writing (mode r+).
+
+    attrs: lineage (teacher, tokenizer, data, ...) recorded as group attributes.
+    splits: split name -> input_ids (N, L) integer array, copied into the store.
+    head (factored only): {"weight": (V, d), "bias": (V,) | None, "final_logit_softcapping": float | None,
+    "logit_scale": float | None}.
+    """
+    codec = make_codec(codec) if isinstance(codec, str) else codec
+    if not splits:
+        raise ValueError("create_store: no splits given")
+    if shard_size < 1:
+        raise ValueError(f"create_store: shard_size must be >= 1, got {shard_size}")
+    clash = sorted(set(attrs) & set(RESERVED_ATTRS))
+    if clash:
+        raise ValueError(f"create_store: attrs may not set the reserved keys {clash}")
+    ids = {name: _np(a) for name, a in splits.items()}
+    seq_lens = {a.shape[1] if a.ndim == 2 else None for a in ids.values()}
+    if len(seq_lens) != 1 or None in seq_lens or any(a.dtype.kind not in "iu" for a in ids.values()):
+        raise ValueError("create_store: every split's input_ids must be a 2-D integer (N, L) array with one L")
+    seq_len = seq_lens.pop()
+    if codec.name == "factored":
+        if head is None or hidden_size is None:
+            raise ValueError("create_store: the factored codec needs head={'weight': ...} and hidden_size")
+        weight = _np(head["weight"]).astype(np.float32)
+        if weight.shape != (vocab_size, hidden_size):
+            raise StoreError(f"create_store: head weight has shape {weight.shape} but vocab_size, hidden_size "
+                             f"= ({vocab_size}, {hidden_size})")
+        bias = None if head.get("bias") is None else _np(head["bias"]).astype(np.float32)
+        if bias is not None and bias.shape != (vocab_size,):
+            raise StoreError(f"create_store: head bias has shape {bias.shape}, expected ({vocab_size},)")
+    elif head is not None:
+        raise ValueError(f"create_store: codec {codec.name} stores no head; pass head=None")
+    specs = codec.payload_specs(vocab_size, hidden_size)
+
+    try:
+        root = open_group(path_or_url, "w" if overwrite else "w-", storage_options)
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+        try:
+            open_store(path_or_url, storage_options=storage_options)
+        except StoreError:
+            raise StoreError(f"{path_or_url} is not empty: choose another path or pass overwrite=True") from None
+        raise StoreError(f"{path_or_url} already holds a store: open it with mode='r+' to resume, or "
+                         "pass overwrite=True") from None
+
+    if codec.name == "factored":
+        g = root.create_group(HEAD_GROUP)
+        rows = max(1, min(vocab_size, 2**20 // (4 * hidden_size)))
+        g.create_array("weight", data=weight, chunks=(rows, hidden_size), compressors=ZstdCodec(level=3))
+        if bias is not None:
+            g.create_array("bias", data=bias, compressors=ZstdCodec(level=3))
+        transforms = codec.transforms(hidden_size)
+        if transforms is not None:
+            g.create_array("encode_transform", data=transforms[0].numpy())
+            g.create_array("transform", data=transforms[1].numpy())
+        g.attrs.update({"final_logit_softcapping": head.get("final_logit_softcapping"),
+                        "logit_scale": head.get("logit_scale")})
+
+    split_attrs = {}
+    for name, input_ids in ids.items():
+        n = input_ids.shape[0]
+        k = num_shards_for(n, shard_size)
+        split_attrs[name] = {"num_sequences": n, "num_shards": k}
+        g = root.create_group(name)
+        g.create_array(INPUT_IDS_ARRAY, data=input_ids.astype(np.int32), chunks=(min(n, shard_size), seq_len),
+                       compressors=ZstdCodec(level=3))
+        for pname, spec in specs.items():
+            row_bytes = int(np.prod(spec.trailing, dtype=np.int64)) * spec.dtype.itemsize
+            inner = (1, inner_chunk_len(seq_len, row_bytes), *spec.trailing)
+            g.create_array(pname, shape=(n, seq_len, *spec.trailing), dtype=spec.dtype, chunks=inner,
+                           shards=(shard_size, seq_len, *spec.trailing), filters=list(spec.filters),
+                           compressors=list(spec.compressors), fill_value=0,
+                           dimension_names=("sequence", "position", *[f"x{i}" for i in range(len(spec.trailing))]))
+        # One object per flag and no sharding: concurrent writers of different shards never collide.
+        g.create_array(DONE_ARRAY, shape=(k,), dtype=np.uint8, chunks=(1,), fill_value=0, compressors=None)
+
+    info = {**attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "codec": {"name": codec.name, "params": codec.params}, "shard_size": shard_size,
+            "seq_len": seq_len, "vocab_size": vocab_size, "hidden_size": hidden_size, "splits": split_attrs,
+            "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    root.attrs.update(info)  # last: only now does the path open as a store
+    store = LogitStore(root, str(path_or_url), "r+")
+    return store
+
+
+def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
+    """Write shard k's payload (name -> (n_k, L, ...) for the whole shard), then mark it done."""
+    if store.mode == "r":
+        raise ValueError(f"{store.location} is open read-only; open it with mode='r+' to write")
+    start, stop = store.shard_range(split, k)
+    specs = store.codec.payload_specs(store.vocab_size, store.hidden_size)
+    if set(payload) != set(specs):
+        raise ValueError(f"shard {k}: payload has arrays {sorted(payload)}, codec {store.codec.name} "
+                         f"writes {sorted(specs)}")
+    arrays = {}
+    for name, spec in specs.items():
+        a = _np(payload[name])
+        want = (stop - start, store.seq_len, *spec.trailing)
+        if a.shape != want or a.dtype != spec.dtype:
+            raise ValueError(f"{split} shard {k}: {name} is {a.shape} {a.dtype}, expected {want} {spec.dtype}")
+        arrays[name] = a
+    for name, a in arrays.items():
+        store.array(split, name)[start:stop] = a
+    store.array(split, DONE_ARRAY)[k] = 1
+
+
+class ShardWriter:
+    """Writes whole shards from a background thread so encoding/IO overlap the teacher's compute.
+
+    `submit` blocks once `max_queue` shards wait (bounding memory); a writer error is re-raised by the
+    next `submit` or by `close`. zarr compresses a shard's inner chunks in its own thread pool
+    (`zarr.config` threading.max_workers; blosc's threads are off under zarr).
+    """
+
+    def __init__(self, store: LogitStore, split: str, max_queue: int = 2):
+        if store.mode == "r":
+            raise ValueError(f"{store.location} is open read-only; open it with mode='r+' to write")
+        store.num_shards(split)  # validates the split name now, not in the thread
+        self.store = store
+        self.split = split
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._error: BaseException | None = None
+        self._closed = False
+        self.shards_written = 0
+        self._thread = threading.Thread(target=self._run, name=f"ShardWriter-{split}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:  # after an error, drain so submit() never blocks forever
+                try:
+                    write_shard(self.store, self.split, *item)
+                    self.shards_written += 1
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = e
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.split} shards failed: {self._error}") from self._error
+
+    def submit(self, shard_index: int, payload: dict) -> None:
+        """Queue shard `shard_index`'s payload (name -> CPU tensor/array for the whole shard)."""
+        if self._closed:
+            raise RuntimeError("ShardWriter.submit after close()")
+        self._raise_error()
+        self.store.shard_range(self.split, shard_index)  # bad index: fail here, in the caller
+        self._queue.put((int(shard_index), payload))
+
+    def close(self) -> None:
+        """Wait for queued shards and re-raise any writer error."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_error()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the body's error wins; still stop the thread
+            try:
+                self.close()
+            except RuntimeError:
+                pass

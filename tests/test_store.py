@@ -1,0 +1,456 @@
+"""Logit store: codec round trips against naive references, reader, writer, bad input.
+
+Tiny dims: V=97 vocab, d=16 hidden, L=8 positions, N sequences.
+"""
+
+import json
+import math
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from distill_pipe.store import (NotAStoreError, ShardWriter, StoreCorruptError, StoreError, StoreIncompleteError,
+                                StoreVersionError, create_store, make_codec, open_store)
+from distill_pipe.store.inspect import describe
+
+V, D, L = 97, 16, 8
+SOFTCAP, SCALE = 5.0, 0.7
+
+
+def make_data(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h_NLD = torch.randn(n, L, D, generator=g) * 2
+    w_VD = torch.randn(V, D, generator=g)
+    b_V = torch.randn(V, generator=g)
+    ids = torch.randint(0, V, (n, L), generator=g).numpy().astype(np.int32)
+    return h_NLD, w_VD, b_V, ids
+
+
+def ref_logits(h, w, b=None, scale=None, softcap=None):
+    """Naive fp32 teacher logits: h @ W.T + b, then scale, then soft-capping."""
+    x = h.double() @ w.double().T
+    if b is not None:
+        x = x + b.double()
+    if scale is not None:
+        x = x * scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x.float()
+
+
+def build(path, codec, n=10, shard_size=4, write=None, head_kw=None, splits=None, seed=0):
+    """A store of n train sequences (+3 validation); writes the shards listed in `write` (default all)."""
+    h, w, b, ids = make_data(n, seed)
+    codec = make_codec(codec) if isinstance(codec, str) else codec
+    head = None
+    if codec.name == "factored":
+        head = {"weight": w, "bias": b, "final_logit_softcapping": SOFTCAP, "logit_scale": SCALE, **(head_kw or {})}
+    store = create_store(path, attrs={"teacher": {"source": "test"}},
+                         splits=splits or {"train": ids, "validation": ids[:3]}, codec=codec,
+                         shard_size=shard_size, vocab_size=V, hidden_size=D, head=head)
+    logits = ref_logits(h, w, b, SCALE, SOFTCAP) if head else ref_logits(h, w, b)
+    x = h if codec.input_kind == "hidden" else logits
+    shards = range(store.num_shards("train")) if write is None else write
+    with ShardWriter(store, "train") as wr:
+        for k in shards:
+            a, z = store.shard_range("train", k)
+            wr.submit(k, {name: t.cpu() for name, t in codec.encode(x[a:z]).items()})
+    return store, logits, ids
+
+
+def tv(logp, logq):
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+
+
+# ---- codec round trips ----------------------------------------------------------------------------
+
+def test_dense_bf16_bit_exact(tmp_path):
+    store, logits, _ = build(tmp_path / "s", "dense-bf16")
+    store = open_store(tmp_path / "s")
+    got = store.teacher_batch("train", list(range(10))).logits()
+    want = logits.to(torch.bfloat16).float().reshape(-1, V)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_factored_matches_fp32_head_with_bias_scale_softcap(tmp_path):
+    build(tmp_path / "s", "factored")
+    store = open_store(tmp_path / "s")
+    h, w, b, _ = make_data()
+    assert store.head.final_logit_softcapping == SOFTCAP and store.head.logit_scale == SCALE
+    got = store.teacher_batch("train", list(range(10))).logits()
+    # exact up to fp16 rounding of h: compare with the reference on fp16-rounded h (tight) and on fp32 h (loose)
+    exact = ref_logits(h.half().float(), w, b, SCALE, SOFTCAP).reshape(-1, V)
+    torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
+    fp32 = ref_logits(h, w, b, SCALE, SOFTCAP).reshape(-1, V)
+    assert (got - fp32).abs().max() < 0.05
+    assert tv(torch.log_softmax(got, -1), torch.log_softmax(fp32, -1)).mean() < 1e-3
+
+
+@pytest.mark.parametrize("params,tol", [({"hidden_dtype": "bf16"}, 0.02), ({"hidden_dtype": "int8"}, 0.02),
+                                        ({"hidden_dtype": "int8", "rotate": True}, 0.02),
+                                        ({"hidden_dtype": "int4", "group_size": 8}, 0.25)])
+def test_factored_compact_hidden_dtypes(tmp_path, params, tol):
+    codec = make_codec("factored", **params)
+    build(tmp_path / "s", codec)
+    store = open_store(tmp_path / "s")
+    assert store.codec.params == codec.params
+    h, w, b, _ = make_data()
+    ref = torch.log_softmax(ref_logits(h, w, b, SCALE, SOFTCAP).reshape(-1, V), -1)
+    got = torch.log_softmax(store.teacher_batch("train", list(range(10))).logits(), -1)
+    assert tv(ref, got).mean() < tol
+    # the dequantised hidden states equal a naive per-group symmetric quantiser's
+    if params["hidden_dtype"] in ("int8", "int4"):
+        hs = h @ codec.enc_DD if codec.rotate else h
+        qmax = 127 if params["hidden_dtype"] == "int8" else 7
+        g = params.get("group_size", D)
+        hg = hs.reshape(10, L, D // g, g)
+        scale = (hg.abs().amax(-1, keepdim=True) / qmax).half().float()
+        naive = (torch.round(hg / scale).clamp(-qmax, qmax) * scale).reshape(-1, D)
+        batch = store.teacher_batch("train", list(range(10)))
+        torch.testing.assert_close(store.codec.dequantize(batch.payload), naive)
+
+
+def test_factored_klt_int8_transform_coding(tmp_path):
+    h, w, b, ids = make_data(n=40)
+    codec = make_codec("factored", hidden_dtype="klt-int8", step=0.05)
+    with pytest.raises(ValueError, match="calibrate"):
+        codec.encode(h[:1])
+    head = {"weight": w, "bias": b, "final_logit_softcapping": SOFTCAP, "logit_scale": SCALE}
+    codec.calibrate(h[:20].reshape(-1, D), head)
+    torch.testing.assert_close(codec.enc_DD @ codec.dec_DD, torch.eye(D), atol=1e-4, rtol=0)
+    store = create_store(tmp_path / "s", attrs={}, splits={"train": ids}, codec=codec, shard_size=20,
+                         vocab_size=V, hidden_size=D, head=head)
+    with ShardWriter(store, "train") as wr:
+        wr.submit(1, codec.encode(h[20:]))  # the held-out half
+    store = open_store(tmp_path / "s")
+    q = torch.round(h[20:].reshape(-1, D) @ codec.enc_DD).clamp(-127, 127)  # naive: grid in the transformed basis
+    batch = store.teacher_batch("train", list(range(20, 40)))
+    assert torch.equal(batch.payload["hidden"].float(), q)
+    naive = ref_logits(q @ codec.dec_DD, w, b, SCALE, SOFTCAP)
+    torch.testing.assert_close(batch.logits(), naive, atol=1e-4, rtol=1e-4)
+    ref = torch.log_softmax(ref_logits(h[20:].reshape(-1, D), w, b, SCALE, SOFTCAP), -1)
+    assert tv(ref, torch.log_softmax(batch.logits(), -1)).mean() < 0.02
+    again = store.codec.encode(h[20:])["hidden"]  # the reopened store's codec encodes identically (resume)
+    assert torch.equal(again.reshape(-1, D), batch.payload["hidden"])
+
+
+def naive_u8(logits_PV, step, tail_mass, gamma):
+    """Per-position numpy reference of the dense-u8 quantiser (float64)."""
+    out = np.empty(logits_PV.shape, np.uint8)
+    for i, row in enumerate(logits_PV.double().numpy()):
+        lp = row - row.max() - math.log(np.exp(row - row.max()).sum())
+        r = lp - lp.max()
+        code = np.round((1 - np.exp(gamma * r)) / step) if gamma else np.round(-r / step)
+        code = np.clip(code, 0, 254)
+        order = np.argsort(lp, kind="stable")
+        drop = np.zeros(len(row), bool)
+        drop[order[np.cumsum(np.exp(lp[order])) < tail_mass]] = True
+        code[drop] = 255
+        out[i] = code
+    return out
+
+
+@pytest.mark.parametrize("gamma,step", [(0.2, 1 / 255), (0.0, 1 / 16)])
+def test_dense_u8_against_naive_quantiser_and_tv_bound(tmp_path, gamma, step):
+    tail = 0.01
+    codec = make_codec("dense-u8", step=step, tail_mass=tail, gamma=gamma)
+    _, logits, _ = build(tmp_path / "s", codec)
+    store = open_store(tmp_path / "s")
+    flat = logits.reshape(-1, V)
+    codes = store.teacher_batch("train", list(range(10))).payload["logprobs_u8"].numpy()
+    naive = naive_u8(flat, step, tail, gamma)
+    assert np.array_equal(codes == 255, naive == 255)
+    assert np.abs(codes.astype(int) - naive.astype(int)).max() <= 1  # float32 vs float64 rounding ties
+    assert (codes != naive).mean() < 0.01
+    got = store.teacher_batch("train", list(range(10))).logits()
+    assert torch.isneginf(got).sum() == (codes == 255).sum() > 0  # the tail is -inf = probability 0
+    assert (got.max(-1).values == 0).all()
+    ref = torch.log_softmax(flat, -1)
+    dropped = torch.where(torch.from_numpy(codes == 255), ref.exp(), 0).sum(-1)
+    assert (dropped < tail).all()
+    # kept tokens: relative log-prob error at most half a step of the quantiser grid (in nats)
+    r = ref - ref.max(-1, keepdim=True).values
+    kept = torch.from_numpy(codes < 254)
+    half_step = step / 2 if gamma == 0 else step / 2 / (gamma * torch.exp(gamma * r[kept]))
+    assert ((got[kept] - r[kept]).abs() <= half_step * 1.01 + 1e-5).all()
+    assert tv(ref, torch.log_softmax(got, -1)).max() <= tail + 0.5 * (math.exp(step / 2 if gamma == 0 else 0.05) - 1) * 2
+
+
+def test_dense_u8_masked_vocab_and_bad_params():
+    codec = make_codec("dense-u8", tail_mass=0.0)
+    x = torch.randn(1, 2, V)
+    x[..., 5] = -math.inf  # e.g. a padded vocab entry
+    codes = codec.encode(x)["logprobs_u8"]
+    assert (codes[..., 5] == 255).all() and (codes != 255).sum() == 2 * (V - 1)
+    with pytest.raises(ValueError, match="tail_mass"):
+        make_codec("dense-u8", tail_mass=0.7)
+    with pytest.raises(ValueError, match="unknown codec"):
+        make_codec("top-k")
+    with pytest.raises(ValueError, match="bad parameters"):
+        make_codec("dense-bf16", step=3)
+
+
+def test_factored_refuses_nonfinite_and_fp16_overflow():
+    codec = make_codec("factored")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        codec.encode(torch.tensor([[[1.0, float("nan")]]]))
+    with pytest.raises(ValueError, match="beyond fp16.*bf16"):
+        codec.encode(torch.tensor([[[1.0, 1e5]]]))
+
+
+def test_head_from_model_refuses_non_linear_head():
+    from distill_pipe.store import head_from_model
+
+    class Cfg:
+        final_logit_softcapping = 30.0
+
+    class M(torch.nn.Module):
+        config = Cfg()
+
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def get_output_embeddings(self):
+            return self.head
+
+    got = head_from_model(M(torch.nn.Linear(D, V, bias=False)))
+    assert got["weight"].shape == (V, D) and got["bias"] is None and got["final_logit_softcapping"] == 30.0
+    with pytest.raises(StoreError, match="dense-u8 or dense-bf16"):
+        head_from_model(M(torch.nn.Sequential(torch.nn.Linear(D, V))))
+
+
+# ---- reader -----------------------------------------------------------------------------------------
+
+def test_store_is_temperature_free(tmp_path):
+    build(tmp_path / "s", "factored")
+    store = open_store(tmp_path / "s")
+    assert not any("temperature" in k for k in json.dumps(store.info).lower().split('"'))
+    h, w, b, _ = make_data()
+    ref = ref_logits(h, w, b, SCALE, SOFTCAP)[2]
+    got = store.teacher_batch("train", [2]).logits()
+    for T in (1.0, 2.0, 4.0):  # temperature applied by the consumer, same store
+        assert tv(torch.log_softmax(ref / T, -1), torch.log_softmax(got / T, -1)).max() < 1e-3
+
+
+@pytest.mark.parametrize("codec", ["factored", "dense-bf16", "dense-u8"])
+def test_teacher_batch_consistent_with_logprobs_and_chunks(tmp_path, codec):
+    build(tmp_path / "s", codec)
+    store = open_store(tmp_path / "s")
+    order = [7, 1, 7, 0, 9]  # any order, repeats, several shards
+    batch = store.teacher_batch("train", order)
+    assert batch.num_positions == len(order) * L
+    whole = batch.logits()
+    assert whole.dtype == torch.float32 and whole.shape == (len(order) * L, V)
+    chunks = torch.cat([batch.logits(s, min(s + 7, batch.num_positions)) for s in range(0, batch.num_positions, 7)])
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)  # noqa: E731 (BLAS blocking)
+    close(whole, chunks)
+    for j, i in enumerate(order):
+        lp = store.logprobs("train", i)
+        assert lp.shape == (L, V) and lp.dtype == torch.float32
+        close(torch.log_softmax(whole[j * L:(j + 1) * L], -1), lp)
+    close(batch.to("cpu").logits(3, 11), whole[3:11])
+    with pytest.raises(ValueError, match="outside"):
+        batch.logits(0, batch.num_positions + 1)
+    assert store.info["codec"]["name"] == codec and store.num_sequences("validation") == 3
+    assert np.array_equal(store.input_ids("train")[:], make_data()[3])
+    assert store.input_ids("train").dtype == np.int32
+
+
+def test_memory_url_round_trip():
+    url = f"memory://store-{uuid.uuid4().hex}"
+    store, logits, ids = build(url, "dense-bf16")
+    again = open_store(url)
+    assert again.completed_shards("train") == {0, 1, 2}
+    assert torch.equal(again.logprobs("train", 5), torch.log_softmax(logits[5].to(torch.bfloat16).float(), -1))
+    assert np.array_equal(again.input_ids("train")[:], ids)
+    report = describe(again, verify=True)
+    assert "shards complete 3/3" in report and "B/token" in report and "verify      FAILED: 1" in report
+
+
+def test_describe_reports_sizes_and_ratio(tmp_path):
+    build(tmp_path / "s", "dense-u8", splits={"train": make_data()[3]})
+    report = describe(open_store(tmp_path / "s"), verify=True)
+    assert "dense-u8(" in report and "teacher     source=test" in report
+    assert "train       10 sequences, 80 tokens, shards complete 3/3" in report
+    assert "smaller than raw bf16 logits (194 B/token)" in report and "verify      ok" in report
+
+
+# ---- writer -----------------------------------------------------------------------------------------
+
+def test_completion_record_and_incomplete_split(tmp_path):
+    store, _, _ = build(tmp_path / "s", "dense-u8", n=24, shard_size=2, write=[0, 1, 2, 6, 7, 8, 10])
+    assert store.completed_shards("train") == {0, 1, 2, 6, 7, 8, 10}
+    store = open_store(tmp_path / "s")
+    assert store.completed_shards("train") == {0, 1, 2, 6, 7, 8, 10}
+    assert store.shard_range("train", 11) == (22, 24) and store.num_shards("train") == 12
+    with pytest.raises(StoreIncompleteError, match=r"train shards 3-5, 9, 11 of 12 missing; rerun "
+                                                   r"`distill-pipe teacher-logits` to finish them"):
+        store.check_complete("train")
+    with pytest.raises(StoreIncompleteError, match="train shard 3 of 12 missing"):
+        store.teacher_batch("train", [0, 7])
+    store.teacher_batch("train", [0, 13, 21])  # complete shards read fine
+    failures = store.verify("train")
+    assert [k for _, k, _ in failures] == [3, 4, 5, 9, 11]
+
+
+def test_writer_overlaps_and_bounds_queue(tmp_path, monkeypatch):
+    import distill_pipe.store.writer as writer_mod
+
+    store, _, _ = build(tmp_path / "s", "dense-bf16", n=16, shard_size=2, write=[])
+    real = writer_mod.write_shard
+    gate, threads = threading.Event(), set()
+
+    def slow_write(*args):
+        threads.add(threading.get_ident())
+        gate.wait(5)
+        real(*args)
+
+    monkeypatch.setattr(writer_mod, "write_shard", slow_write)
+    payload = make_codec("dense-bf16").encode(torch.randn(2, L, V))
+    w = ShardWriter(store, "train", max_queue=1)
+    t0 = time.perf_counter()
+    w.submit(0, payload)  # taken by the thread, which blocks in the write
+    time.sleep(0.05)
+    w.submit(1, payload)  # waits in the queue
+    assert time.perf_counter() - t0 < 1, "submit returned only after the write: no overlap"
+    third = threading.Thread(target=w.submit, args=(2, payload))
+    third.start()
+    third.join(0.2)
+    assert third.is_alive(), "a full queue must block submit (bounded memory)"
+    gate.set()
+    third.join(5)
+    w.close()
+    assert threads and threading.get_ident() not in threads
+    assert open_store(tmp_path / "s").completed_shards("train") == {0, 1, 2}
+
+
+def test_writer_error_surfaces(tmp_path):
+    store, _, _ = build(tmp_path / "s", "dense-bf16", n=8, shard_size=2, write=[])
+    good = make_codec("dense-bf16").encode(torch.randn(2, L, V))
+    bad = {"logits_bf16": good["logits_bf16"][:, :3]}  # wrong shape: fails inside the thread
+    w = ShardWriter(store, "train")
+    w.submit(0, good)
+    w.submit(1, bad)
+    with pytest.raises(RuntimeError, match="writing train shards failed.*expected") as info:
+        w.close()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert open_store(tmp_path / "s").completed_shards("train") == {0}
+    with pytest.raises(RuntimeError, match="writing train shards failed"):
+        with ShardWriter(store, "train") as w2:
+            w2.submit(2, bad)
+            time.sleep(0.2)
+            w2.submit(3, good)  # the error surfaces at the next submit
+    with pytest.raises(ValueError, match="shards 0..3, not 9"):
+        ShardWriter(store, "train").submit(9, good)
+    with pytest.raises(ValueError, match="read-only"):
+        ShardWriter(open_store(tmp_path / "s"), "train")
+
+
+def test_concurrent_writers_on_different_shards_lose_no_rows(tmp_path):
+    n, shard_size, writers = 24, 2, 3
+    store, logits, _ = build(tmp_path / "s", "dense-bf16", n=n, shard_size=shard_size, write=[])
+    codec = make_codec("dense-bf16")
+
+    def work(rank):
+        s = open_store(tmp_path / "s", mode="r+")  # each writer its own handle, as separate processes would
+        with ShardWriter(s, "train") as w:
+            for k in range(rank, s.num_shards("train"), writers):  # interleaved: neighbours in other writers
+                a, z = s.shard_range("train", k)
+                w.submit(k, codec.encode(logits[a:z]))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(writers)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    store = open_store(tmp_path / "s")
+    store.check_complete("train")
+    got = store.teacher_batch("train", list(range(n))).logits()
+    assert torch.equal(got, logits.to(torch.bfloat16).float().reshape(-1, V))
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(NotAStoreError, match="not a distill-pipe logit store"):
+        open_store(tmp_path / "nothing-here")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "file.txt").write_text("hi")
+    with pytest.raises(NotAStoreError):
+        open_store(tmp_path / "dir")
+    zarr.open_group(str(tmp_path / "plain"), mode="w", attributes={"something": 1})
+    with pytest.raises(NotAStoreError, match="interrupted creation"):
+        open_store(tmp_path / "plain")
+    zarr.create_array(str(tmp_path / "arr"), shape=(2,), dtype="int8")
+    with pytest.raises(NotAStoreError):
+        open_store(tmp_path / "arr")
+    with pytest.raises(NotAStoreError):
+        open_store(f"memory://missing-{uuid.uuid4().hex}")
+
+
+def test_half_created_store_is_not_a_store(tmp_path, monkeypatch):
+    import distill_pipe.store.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "_versions", lambda: 1 / 0)  # crash just before the attributes
+    with pytest.raises(ZeroDivisionError):
+        build(tmp_path / "s", "dense-u8")
+    with pytest.raises(NotAStoreError):
+        open_store(tmp_path / "s")
+
+
+def test_existing_store_needs_overwrite(tmp_path):
+    build(tmp_path / "s", "dense-u8", write=[])
+    with pytest.raises(StoreError, match="already holds a store.*overwrite=True"):
+        build(tmp_path / "s", "dense-u8", write=[])
+
+
+def test_newer_format_version(tmp_path):
+    build(tmp_path / "s", "dense-u8", write=[])
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["format_version"] = 2
+    with pytest.raises(StoreVersionError, match="format version 2.*reads up to 1: upgrade distill-pipe"):
+        open_store(tmp_path / "s")
+
+
+@pytest.mark.parametrize("how", ["garble", "truncate", "delete"])
+def test_corrupted_shard_is_named_and_others_still_read(tmp_path, how):
+    build(tmp_path / "s", "factored", n=12, shard_size=4)
+    shard = tmp_path / "s" / "train" / "hidden" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    if how == "garble":
+        data[len(data) // 3: len(data) // 3 + 16] = b"\xff" * 16
+        shard.write_bytes(bytes(data))
+    elif how == "truncate":
+        shard.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        shard.unlink()
+    store = open_store(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match=r"train shard 1 is corrupt \(train/hidden/c/1/0/0"):
+        store.teacher_batch("train", [0, 5])
+    with pytest.raises(StoreCorruptError, match="train shard 1"):
+        store.logprobs("train", 5)
+    store.teacher_batch("train", [0, 3, 8, 11]).logits()  # shards 0 and 2 still read
+    failures = store.verify("train")
+    assert [(s, k) for s, k, _ in failures] == [("train", 1)] and "train/hidden/c/1/0/0" in failures[0][2]
+    assert "train shard 1:" in describe(store, verify=True)
+
+
+def test_payload_and_head_disagree(tmp_path):
+    build(tmp_path / "s", "factored", write=[])
+    g = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    g["head"].create_array("weight", data=np.zeros((V, D + 1), np.float32), overwrite=True)
+    with pytest.raises(StoreError, match=r"head/weight has shape \(97, 17\).*\(97, 16\)"):
+        open_store(tmp_path / "s")
+    h, w, b, ids = make_data()
+    with pytest.raises(StoreError, match=r"head weight has shape \(97, 16\).*\(98, 16\)"):
+        create_store(tmp_path / "t", attrs={}, splits={"train": ids}, codec=make_codec("factored"), shard_size=4,
+                     vocab_size=V + 1, hidden_size=D, head={"weight": w})
+    store = create_store(tmp_path / "u", attrs={}, splits={"train": ids}, codec="dense-u8", shard_size=4,
+                         vocab_size=V, hidden_size=D)
+    with pytest.raises(ValueError, match=r"logprobs_u8 is \(4, 8, 96\) uint8, expected \(4, 8, 97\)"):
+        from distill_pipe.store import write_shard
+
+        write_shard(store, "train", 0, make_codec("dense-u8").encode(torch.randn(4, L, V - 1)))
