@@ -69,6 +69,57 @@ def prepare(params: ParamsOpt = None, set_: SetOpt = None):
     run_prepare(_config(params, set_))
 
 
+@command
+def teacher_logits(params: ParamsOpt = None, set_: SetOpt = None,
+                   overwrite: Annotated[bool, typer.Option(help="replace a store made from other inputs")] = False):
+    """Run the teacher over tokens.zarr and write its compressed logits to the store (resumable)."""
+    from distill_pipe.teacher import run_teacher_logits
+
+    try:
+        run_teacher_logits(_config(params, set_), overwrite=overwrite)
+    finally:
+        _shutdown()
+
+
+@command
+def train(student: Annotated[str, typer.Option("--student", help="name of an entry of params `students`")],
+          params: ParamsOpt = None, set_: SetOpt = None,
+          resume: Annotated[bool, typer.Option(help="continue from the student's latest checkpoint")] = False):
+    """Train a student against the stored teacher logits (or plain LM training when alpha is 1)."""
+    from distill_pipe.train import run_train
+
+    try:
+        run_train(_config(params, set_), student, resume=resume)
+    finally:
+        _shutdown()
+
+
+@command
+def evaluate(params: ParamsOpt = None, set_: SetOpt = None):
+    """Compare the teacher (from the store), each student and its initialisation on the validation split."""
+    from distill_pipe.evaluate import run_evaluate
+
+    run_evaluate(_config(params, set_))
+
+
+@command
+def inspect(store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
+            verify: Annotated[bool, typer.Option(help="decode every shard and name any that fail")] = False):
+    """Describe a logit store: lineage, codec, splits, completion, bytes on disk and per token."""
+    from distill_pipe.store import describe, open_store
+
+    report, ok = describe(open_store(store), verify=verify)
+    typer.echo(report)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _shutdown() -> None:
+    from distill_pipe import distributed
+
+    distributed.shutdown()
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,254 @@
+"""Stage one: run the teacher over tokens.zarr and write its logits to the store.
+
+    distill-pipe teacher-logits                                   # one process
+    torchrun --nproc_per_node=8 -m distill_pipe teacher-logits    # FSDP2, one rank per GPU
+
+The unit of work, of writing and of resume is a shard (`teacher_logits.shard_size` whole sequences).
+Ranks take disjoint shards, round robin over the shards still missing a completion record, and step in
+lockstep (FSDP all-gathers parameters in every forward): a rank that runs out of work runs throwaway
+forwards until every rank is done. Killed at any point, a rerun computes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill_pipe import distributed, models
+from distill_pipe.config import Config
+from distill_pipe.data import DataError, open_tokens
+from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
+
+log = logging.getLogger(__name__)
+
+# Keys of the store attributes that must match for an existing store to be resumed.
+IDENTITY_KEYS = ("teacher", "tokenizer", "data", "codec", "shard_size", "seq_len")
+
+
+class TeacherError(ValueError):
+    """A teacher/tokens/store mismatch; the message names the problem and the fix."""
+
+
+def run_teacher_logits(cfg: Config, overwrite: bool = False) -> str:
+    dist = distributed.init_distributed()
+    tokens = open_tokens(cfg.paths.tokens)
+    t_attrs = dict(tokens.attrs)
+    seq_len = int(t_attrs["seq_len"])
+    src = models.resolve(cfg.teacher.model)
+    hf_config = models.load_config(src)
+    _check_tokens(cfg, src, hf_config, tokens, t_attrs)
+    codec = make_codec(cfg.teacher_logits.codec, **cfg.teacher_logits.codec_params)
+
+    dtype = models.DTYPES[cfg.teacher.dtype]
+    model = models.load_causal_lm(src, dtype=torch.float32, device="cpu")
+    # Two training sequences probe the head (and calibrate a codec that fits a transform, e.g. klt-int8).
+    head, h_probe = _linear_head(model, tokens["train"]["input_ids"][:2], codec)
+    attrs = {
+        "teacher": {"spec": cfg.teacher.model, "fingerprint": models.model_fingerprint(src),
+                    "dtype": cfg.teacher.dtype, "class": type(model).__name__},
+        "tokenizer": t_attrs["tokenizer"],
+        "data": {"fingerprint": t_attrs["fingerprint"], "tokens": str(cfg.paths.tokens),
+                 "corpus": t_attrs.get("corpus")},
+    }
+    out = cfg.paths.logits
+    # Rank 0 alone creates or checks the store; the others open it after the barrier.
+    error = None
+    if dist.is_main:
+        try:
+            _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite)
+        except (ValueError, OSError) as e:
+            if not dist.distributed:
+                raise
+            error = str(e)
+    error = distributed.broadcast_object(error)  # every rank fails together, with rank 0's message
+    if error is not None:
+        raise TeacherError(error)
+    store = open_store(out, mode="r+")
+    codec = store.codec  # carries what the store recorded (e.g. a fitted transform), also when resuming
+
+    model = _prepare_model(model, dtype, dist)
+    jobs = [(split, k) for split in store.splits for k in range(store.num_shards(split))
+            if k not in store.completed_shards(split)]
+    mine = jobs[dist.rank :: dist.world_size]
+    total = sum(store.num_shards(s) for s in store.splits)
+    log.info("teacher %s (%s) -> %s: codec %s, %d of %d shards to compute (%d on this rank)",
+             cfg.teacher.model, cfg.teacher.dtype, out, codec.name, len(jobs), total, len(mine))
+    _compute(model, store, codec, mine, cfg.teacher_logits.batch_size, dist, seq_len)
+    distributed.barrier()
+    if dist.is_main:
+        missing = {s: store.num_shards(s) - len(store.completed_shards(s)) for s in store.splits}
+        assert not any(missing.values()), f"shards still missing after the run: {missing}"
+        log.info("wrote %s (%s)", out, ", ".join(f"{s}: {store.num_sequences(s)} sequences" for s in store.splits))
+    return out
+
+
+def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
+    """Everything that can be checked before loading weights or computing anything."""
+    seq_len = int(t_attrs["seq_len"])
+    limit = models.max_positions(hf_config)
+    if limit is not None and seq_len > limit:
+        raise TeacherError(f"tokens.zarr seq_len={seq_len} exceeds the teacher's max positions ({limit}); "
+                           "rerun `distill-pipe prepare` with a smaller data.seq_len")
+    vocab = int(hf_config.vocab_size)
+    for split in ("train", "validation"):
+        ids = tokens[split]["input_ids"]
+        if ids.shape[0] == 0:
+            raise DataError(f"{cfg.paths.tokens} has an empty {split} split; rerun `distill-pipe prepare`")
+        top = int(np.max(ids[...]))
+        if top >= vocab or int(np.min(ids[...])) < 0:
+            raise TeacherError(f"{cfg.paths.tokens} holds token id {top} outside the teacher's vocabulary "
+                               f"(size {vocab}): it was made with another tokenizer "
+                               f"({t_attrs['tokenizer']['spec']}); rerun `distill-pipe prepare`")
+    tok = models.load_tokenizer(src)
+    fp = models.tokenizer_fingerprint(tok)
+    if fp != t_attrs["tokenizer"]["fingerprint"]:
+        raise TeacherError(f"{cfg.paths.tokens} was tokenized with {t_attrs['tokenizer']['spec']}, whose tokenizer "
+                           f"differs from {cfg.teacher.model}'s; rerun `distill-pipe prepare`")
+
+
+def _linear_head(model, probe_ids, codec) -> tuple[dict | None, torch.Tensor | None]:
+    """For the factored codec: the output head and the probe's final hidden states (P, d), after checking
+    logits == post(h @ W.T + b) on the probe sequences."""
+    if codec.input_kind != "hidden":
+        return None, None
+    head = head_from_model(model)
+    ids = torch.as_tensor(np.asarray(probe_ids), dtype=torch.long)
+    with torch.inference_mode(), _capture_hidden(model) as cap:
+        logits = model(ids).logits.float().flatten(0, 1)
+        h = cap["h"].float().flatten(0, 1)
+        rebuilt = Head(head["weight"], head["bias"], head["final_logit_softcapping"], head["logit_scale"]).logits(h)
+    err = (rebuilt - logits).abs().max().item()
+    if not err <= 1e-3 * max(1.0, logits.abs().max().item()):
+        raise TeacherError(f"{type(model).__name__}'s logits are not a linear head over the final hidden state "
+                           f"(max error {err:.3g}); use teacher_logits.codec=dense-bf16 or dense-u8")
+    return head, h
+
+
+class _capture_hidden:
+    """Context manager: records the decoder's final (normalised) hidden state of each forward in ["h"]."""
+
+    def __init__(self, model):
+        self.decoder = model.get_decoder()
+
+    def __enter__(self):
+        self.box: dict = {}
+
+        def hook(module, args, output):
+            self.box["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+        self.handle = self.decoder.register_forward_hook(hook)
+        return self.box
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite) -> None:
+    expected = {**attrs, "codec": {"name": codec.name, "params": codec.params},
+                "shard_size": cfg.teacher_logits.shard_size, "seq_len": int(tokens.attrs["seq_len"])}
+    existing = None
+    if not overwrite:
+        try:
+            existing = open_store(out)
+        except StoreError as e:
+            if _exists(out):
+                raise TeacherError(f"{out} exists but is not a usable logit store ({e}); pass --overwrite "
+                                   "to replace it") from None
+    if existing is not None:
+        info = existing.info
+        differ = [k for k in IDENTITY_KEYS if _identity(info.get(k)) != _identity(expected[k])]
+        if differ:
+            raise TeacherError(f"{out} was made from another {', '.join(differ)}; pass --overwrite to replace "
+                               "it, or set paths.logits to a new location")
+        log.info("resuming %s", out)
+        return
+    c = model.config
+    if h_probe is not None:
+        codec.calibrate(h_probe, head)  # a no-op for codecs without a fitted transform
+    # A local store is created beside its final path and renamed into place, so a kill during creation
+    # leaves nothing that a plain rerun would have to --overwrite. (On object storage there is no rename:
+    # an interrupted creation there needs --overwrite.)
+    local = "://" not in out
+    target = f"{out}.creating" if local else out
+    if local:
+        shutil.rmtree(target, ignore_errors=True)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    create_store(target, attrs=attrs, splits={s: tokens[s]["input_ids"][...] for s in ("train", "validation")},
+                 codec=codec, shard_size=cfg.teacher_logits.shard_size, vocab_size=int(c.vocab_size),
+                 hidden_size=int(c.hidden_size), head=head, overwrite=True)
+    if local:
+        if Path(out).exists():  # only with --overwrite
+            shutil.rmtree(out)
+        os.replace(target, out)
+    log.info("created %s", out)
+
+
+def _identity(value):
+    """Attributes as they compare after a JSON round trip (tuples become lists, ints stay ints)."""
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _exists(out: str) -> bool:
+    if "://" in out:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(out)
+        return fs.exists(path)
+    return Path(out).exists()
+
+
+def _prepare_model(model, dtype: torch.dtype, dist):
+    if dist.distributed:
+        # FSDP2 keeps fp32 master shards and computes in `dtype` (MixedPrecisionPolicy).
+        # fully_shard moves the shards to the device mesh's device (the rank's GPU under NCCL).
+        return distributed.fsdp_wrap(model, param_dtype=dtype if dtype != torch.float32 else None)
+    return model.to(device=dist.device, dtype=dtype)
+
+
+def _compute(model, store, codec, jobs, batch_size: int, dist, seq_len: int) -> None:
+    batches = [(split, k, start, min(start + batch_size, stop))
+               for split, k in jobs
+               for (lo, stop) in [store.shard_range(split, k)]
+               for start in range(lo, stop, batch_size)]
+    steps = int(distributed.all_reduce(len(batches), op="max")) if dist.distributed else len(batches)
+    writers = {split: ShardWriter(store, split) for split in store.splits}
+    parts: dict[tuple[str, int], list[dict]] = {}
+    bar = tqdm(total=sum(b[3] - b[2] for b in batches) * seq_len, unit="tok", unit_scale=True,
+               desc="teacher logits", disable=not dist.is_main, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode(), _capture_hidden(model) as cap:
+            for step in range(steps):
+                real = step < len(batches)
+                split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
+                ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+                # logits_to_keep=1: the factored codec needs only the hidden state, not the (B, L, V) logits.
+                out = model(ids, logits_to_keep=1 if codec.input_kind == "hidden" else 0)
+                if not real:
+                    continue  # a throwaway forward that keeps this rank in FSDP lockstep
+                x = cap["h"] if codec.input_kind == "hidden" else out.logits
+                payload = {name: t.cpu() for name, t in codec.encode(x).items()}
+                del out, x
+                parts.setdefault((split, k), []).append(payload)
+                lo, hi = store.shard_range(split, k)
+                if stop == hi:
+                    chunks = parts.pop((split, k))
+                    writers[split].submit(k, {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]})
+                bar.update((stop - start) * seq_len)
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+    n_tok = sum(b[3] - b[2] for b in batches) * seq_len
+    if n_tok:
+        log.info("computed %d tokens in %.1f s (%.0f tokens/s on this rank)", n_tok, time.perf_counter() - t0,
+                 n_tok / (time.perf_counter() - t0))
