@@ -106,11 +106,13 @@ def evaluate(params: ParamsOpt = None, set_: SetOpt = None):
 def inspect(store: Annotated[str, typer.Argument(help="store path or fsspec URL")],
             verify: Annotated[bool, typer.Option(help="decode every shard and name any that fail")] = False):
     """Describe a logit store: lineage, codec, splits, completion, bytes on disk and per token."""
-    from distill_pipe.store import describe, open_store
+    from distill_pipe.store import open_store
+    from distill_pipe.store.inspect import describe
 
-    report, ok = describe(open_store(store), verify=verify)
-    typer.echo(report)
-    if not ok:
+    opened = open_store(store)
+    failures = opened.verify() if verify else None
+    typer.echo(describe(opened, failures=failures))
+    if failures:
         raise typer.Exit(1)
 
 

@@ -201,3 +201,24 @@ def test_output_under_a_file_is_a_clear_error(prepared):
     Path("blocker").write_text("a file, not a folder")
     one_line_error(*run("teacher-logits", "--set", "paths.logits=blocker/logits.zarr"), "blocker")
     assert Path("blocker").read_text() == "a file, not a folder"
+
+
+def test_inspect_reports_and_verify_names_a_corrupt_shard(prepared):
+    assert run("teacher-logits", "--set", "teacher_logits.shard_size=4")[0] == 0
+    path = load_config().paths.logits
+    code, out = run("inspect", path, "--verify")
+    assert code == 0, out
+    assert "factored" in out and "shards complete" in out and "B/token" in out and "verify      ok" in out
+    shard = Path(path) / "train" / "hidden" / "c" / "1" / "0" / "0"
+    assert shard.is_file()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, out = run("inspect", path, "--verify")
+    assert code == 1
+    assert "train shard 1:" in out and "train shard 0:" not in out
+
+
+def test_inspect_not_a_store(project):
+    Path("plain").mkdir()
+    one_line_error(*run("inspect", "plain"), "not a distill-pipe logit store")

@@ -37,7 +37,8 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
-def describe(store: LogitStore, verify: bool = False) -> str:
+def describe(store: LogitStore, verify: bool = False, failures: list | None = None) -> str:
+    """A human-readable report; with verify, every shard is decoded (or pass `failures` from store.verify())."""
     info = store.info
     v = info.get("versions", {})
     lines = [f"store       {store.location}",
@@ -75,8 +76,8 @@ def describe(store: LogitStore, verify: bool = False) -> str:
         bpt = total_payload / total_tokens
         lines.append(f"bytes/token {bpt:,.1f} (payload only; head stored once) = {raw_bf16 / bpt:,.1f}x "
                      f"smaller than raw bf16 logits ({raw_bf16:,} B/token)")
-    if verify:
-        failures = store.verify()
+    if verify or failures is not None:
+        failures = store.verify() if failures is None else failures
         if failures:
             lines.append(f"verify      FAILED: {len(failures)} shard(s)")
             lines += [f"  {s} shard {k}: {err}" for s, k, err in failures]
