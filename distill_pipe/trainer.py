@@ -1,0 +1,547 @@
+"""Trainer: exact gradient accumulation, FSDP2 sync control, eval, early stopping, checkpoints.
+
+Shapes: B sequences per micro-batch, L sequence length, N = B*L flattened positions, V vocabulary.
+
+One optimizer step takes the next GLOBAL batch of G = batch_size * gradient_accumulation_steps * world
+sequences from a per-epoch seeded permutation (so the data order depends on the seed and G only) and
+splits it into per-rank micro-batches. Before the first backward the step's target tokens are counted
+over all micro-batches and ranks; each micro-batch backpropagates loss_sum / global_count, and gradient
+reduction across ranks SUMS (FSDP's default divide-by-world is turned off). So the step's gradient is
+exactly the mean over the step's tokens, however the global batch is split (DESIGN.md: trl#4719,
+transformers#37766). Evaluation uses the same normalisation: sum over all eval tokens / all eval tokens.
+
+Checkpoints (every save_steps) hold model, optimizer, scheduler, RNG states, step (which fixes the data
+position), early-stopping state and the run's config fingerprint; they are written to a temporary folder
+and renamed, and the `latest` pointer file is replaced atomically, so a kill during a save leaves the
+previous checkpoint usable. torch.distributed.checkpoint (DCP) writes model and optimizer (sharded under
+FSDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill_pipe import distributed as dd
+from distill_pipe.config import ConfigError, TrainConfig
+from distill_pipe.distributed import DistInfo
+from distill_pipe.losses import IGNORE_INDEX, LossSums, count_targets, hybrid_loss, shift_for_next_token
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+TRAIN_FIELDS = ("step", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "tokens_per_s")
+EVAL_FIELDS = ("step", "eval_loss", "eval_ce", "eval_kl", "eval_ppl", "eval_tokens")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for this run; the message says what to do."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch of whole sequences of one split."""
+
+    split: str
+    indices: list[int]
+    """Sequence indices in the split, in row order of input_ids_BL."""
+    input_ids_BL: torch.Tensor  # (B, L) int64 on the training device
+    targets_BL: torch.Tensor  # (B, L) int64, IGNORE_INDEX where not counted
+
+    @property
+    def num_tokens(self) -> int:
+        return count_targets(self.targets_BL)
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` evaluations without an improvement larger than `min_delta`."""
+
+    patience: int | None
+    min_delta: float
+    best_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    stopped: bool = False
+
+    def update(self, loss: float, step: int) -> bool:
+        """Record an eval loss; True when it is a new best."""
+        if loss < self.best_loss - self.min_delta or (self.best_loss == math.inf and math.isfinite(loss)):
+            self.best_loss, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        if self.patience is not None and self.bad_evals >= self.patience:
+            self.stopped = True
+        return False
+
+    def state(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "stopped": self.stopped}
+
+    def load(self, state: dict) -> None:
+        self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+        self.bad_evals, self.stopped = state["bad_evals"], state["stopped"]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak LR: linear warmup, then cosine decay to 0.1 at the last step."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps - 1)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def read_rows(array, indices: Sequence[int]) -> np.ndarray:
+    """Rows `indices` (any order) of an (N, L) numpy or zarr array, read without loading the rest."""
+    idx = np.asarray(indices, dtype=np.int64)
+    if isinstance(array, np.ndarray):
+        return array[idx]
+    order = np.argsort(idx, kind="stable")
+    uniq, inverse = np.unique(idx[order], return_inverse=True)
+    rows = np.asarray(array.oindex[uniq, :]) if hasattr(array, "oindex") else np.stack([array[int(i)] for i in uniq])
+    out = np.empty((len(idx), rows.shape[1]), dtype=rows.dtype)
+    out[order] = rows[inverse]
+    return out
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+class Trainer:
+    """Training loop over whole sequences; subclasses implement `compute_loss`.
+
+    data: {"train": (N, L) int array, "validation": (M, L) int array} (numpy or zarr), the token ids.
+    out_dir: where `checkpoints/` and `history/` go. fingerprint: what made this run (checked on resume).
+    on_best(trainer): called on every rank when the eval loss improves (e.g. to export the model).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: dict, *, out_dir: str | Path,
+                 info: DistInfo | None = None, fingerprint: dict | None = None,
+                 on_best: Callable[[Trainer], None] | None = None, show_progress: bool = True):
+        self.model, self.cfg, self.data = model, cfg, data
+        self.info = info or DistInfo(0, 1, 0, torch.device("cpu"))
+        self.device = self.info.device
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.fingerprint = fingerprint or {}
+        self.on_best = on_best
+        self.show_progress = show_progress
+        self.fsdp = bool(fsdp_modules(model))
+        if self.fsdp:
+            # The loss is already divided by the global token count: reduce gradients as a SUM over ranks,
+            # not FSDP's default mean (which would divide by the world size a second time).
+            for m in fsdp_modules(model):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+        self.num_train = int(data["train"].shape[0])
+        if self.num_train == 0:
+            raise ValueError("the training split holds no sequences; rerun `distill-pipe prepare` with more data")
+        n_eval = int(data["validation"].shape[0]) if "validation" in data else 0
+        if cfg.max_eval_sequences is not None:
+            n_eval = min(n_eval, cfg.max_eval_sequences)
+        if n_eval == 0:
+            raise ValueError("the validation split holds no sequences; raise data.validation_fraction and rerun "
+                             "`distill-pipe prepare`")
+        self.num_eval = n_eval
+        self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.info.world_size
+        self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps))
+        self.early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+        self.last_eval: dict | None = None
+        self.best_eval: dict | None = None
+        self._autocast = (not self.fsdp and cfg.dtype == "bfloat16")
+
+    # ------------------------------------------------------------------ to implement
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossSums:
+        """Loss SUMS of one micro-batch (never divided by a count: the trainer normalises)."""
+        raise NotImplementedError
+
+    def make_targets(self, input_ids_BL: torch.Tensor, split: str, indices: list[int]) -> torch.Tensor:
+        """Next-token targets (B, L); override to exclude more positions (they leave the count too)."""
+        return shift_for_next_token(input_ids_BL)
+
+    # ------------------------------------------------------------------ data order
+
+    def step_indices(self, step: int) -> list[int]:
+        """The global batch of optimizer step `step`: depends on the seed and the global batch size only."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.num_train)
+        return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
+
+    def micro_batches(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[Batch]:
+        """This rank's micro-batches of a global batch: micro-batch k = indices[k*b:(k+1)*b] goes to
+        rank k % world. Every rank gets the same number; a rank short of data gets a padding batch
+        (one sequence, no counted token) so FSDP's collectives stay in lockstep."""
+        b, world, rank = self.cfg.batch_size, self.info.world_size, self.info.rank
+        n_micro = micro_steps or max(1, math.ceil(len(indices) / (b * world)))
+        out = []
+        for m in range(n_micro):
+            k = m * world + rank
+            part = indices[k * b:(k + 1) * b]
+            out.append(self.make_batch(split, part) if part else self.padding_batch(split, indices[0]))
+        return out
+
+    def make_batch(self, split: str, indices: list[int]) -> Batch:
+        ids_BL = torch.from_numpy(read_rows(self.data[split], indices).astype(np.int64)).to(self.device)
+        return Batch(split, list(indices), ids_BL, self.make_targets(ids_BL, split, list(indices)).to(self.device))
+
+    def padding_batch(self, split: str, index: int) -> Batch:
+        batch = self.make_batch(split, [index])
+        batch.targets_BL.fill_(IGNORE_INDEX)
+        return batch
+
+    # ------------------------------------------------------------------ steps
+
+    def _forward_loss(self, batch: Batch) -> LossSums:
+        if self._autocast:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.compute_loss(self.model, batch)
+        return self.compute_loss(self.model, batch)
+
+    def train_step(self, batches: list[Batch]) -> dict:
+        """One optimizer step over this rank's micro-batches; returns step metrics (means over tokens)."""
+        self.model.train()
+        local = sum(b.num_tokens for b in batches)
+        global_count = int(dd.all_reduce(local, "sum", self.device))  # before the first backward
+        denom = max(global_count, 1)
+        loss_sum = ce_sum = kl_sum = 0.0
+        for m, batch in enumerate(batches):
+            if self.fsdp:  # reduce gradients across ranks once, after the last micro-batch
+                self.model.set_requires_gradient_sync(m == len(batches) - 1)
+            sums = self._forward_loss(batch)
+            (sums.loss / denom).backward()
+            assert sums.num_tokens == batch.num_tokens, "compute_loss counted other tokens than make_targets"
+            loss_sum += sums.loss.detach().item()
+            ce_sum += sums.ce.item()
+            kl_sum += sums.kl.item()
+        grad_norm = self._clip()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = [dd.all_reduce(v, "sum", self.device) for v in (loss_sum, ce_sum, kl_sum)]
+        self.tokens_seen += global_count
+        return {"loss": sums[0] / denom, "ce": sums[1] / denom, "kl": sums[2] / denom, "lr": lr,
+                "grad_norm": grad_norm, "tokens": global_count}
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.max_grad_norm is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> LossSums:
+        self.model.eval()
+        return self._forward_loss(batch)
+
+    def evaluate(self) -> dict:
+        """Loss over the validation split (first max_eval_sequences): sum over all tokens / all tokens."""
+        indices = list(range(self.num_eval))
+        per_round = self.cfg.batch_size * self.info.world_size
+        loss = ce = kl = 0.0
+        count = 0
+        for start in range(0, len(indices), per_round):
+            for batch in self.micro_batches("validation", indices[start:start + per_round], micro_steps=1):
+                sums = self.eval_step(batch)
+                loss, ce, kl = loss + sums.loss.item(), ce + sums.ce.item(), kl + sums.kl.item()
+                count += sums.num_tokens
+        loss, ce, kl, count = (dd.all_reduce(v, "sum", self.device) for v in (loss, ce, kl, count))
+        count = max(int(count), 1)
+        ce_mean = ce / count
+        return {"eval_loss": loss / count, "eval_ce": ce_mean, "eval_kl": kl / count,
+                "eval_ppl": math.exp(min(ce_mean, 700.0)), "eval_tokens": count}
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, until_step: int | None = None) -> dict:
+        """Train to total_steps (or `until_step`, to simulate an interruption), evaluating every eval_steps,
+        checkpointing every save_steps, stopping early when the eval loss stops improving."""
+        cfg, end = self.cfg, min(self.total_steps, until_step or self.total_steps)
+        bar = None
+        if self.show_progress and self.info.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < end and not self.early.stopped:
+                t0 = time.perf_counter()
+                metrics = self.train_step(self.micro_batches("train", self.step_indices(self.step)))
+                seconds = time.perf_counter() - t0
+                self.train_seconds += seconds
+                self.step += 1
+                metrics = {"step": self.step, **metrics, "tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
+                self._append("train", TRAIN_FIELDS, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                    refresh=False)
+                if self.step % cfg.eval_steps == 0 or self.step == self.total_steps:
+                    self._eval_and_track()
+                if self.step % cfg.save_steps == 0 or self.step == self.total_steps or self.early.stopped:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.early.stopped and self.info.is_main:
+            log.info("early stop at step %d: no eval improvement > %g in %d evaluations (best %.4f at step %d)",
+                     self.step, cfg.early_stop_min_delta, self.early.bad_evals, self.early.best_loss,
+                     self.early.best_step)
+        return self.summary()
+
+    def _eval_and_track(self) -> None:
+        ev = self.evaluate()
+        self.last_eval = {"step": self.step, **ev}
+        self._append("eval", EVAL_FIELDS, self.last_eval)
+        improved = self.early.update(ev["eval_loss"], self.step)
+        if improved:
+            self.best_eval = self.last_eval
+        if self.info.is_main:
+            log.info("step %d: eval loss %.4f, ppl %.2f%s", self.step, ev["eval_loss"], ev["eval_ppl"],
+                     " (best)" if improved else "")
+        if improved and self.on_best is not None:
+            self.on_best(self)
+
+    def summary(self) -> dict:
+        return {"steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens_seen,
+                "train_seconds": self.train_seconds,
+                "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds else None,
+                "early_stopped": self.early.stopped, "best_eval_loss": self.early.best_loss,
+                "best_step": self.early.best_step, "best_eval": self.best_eval, "final_eval": self.last_eval}
+
+    # ------------------------------------------------------------------ history (DVC plots)
+
+    def _append(self, name: str, fields: Sequence[str], row: dict) -> None:
+        if not self.info.is_main:
+            return
+        path = self.out_dir / "history" / f"{name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: _fmt(row.get(k)) for k in fields})
+
+    def _truncate_history(self, step: int) -> None:
+        """Drop history rows after `step` (written by a run that died after its last checkpoint)."""
+        for name in ("train", "eval"):
+            path = self.out_dir / "history" / f"{name}.csv"
+            if not path.exists():
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+                fields = rows[0].keys() if rows else None
+            if fields is None:
+                continue
+            with open(path.with_suffix(".tmp"), "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(fields))
+                w.writeheader()
+                w.writerows(r for r in rows if int(r["step"]) <= step)
+            os.replace(path.with_suffix(".tmp"), path)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.exists():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        if not (path / "trainer.pt").exists():
+            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; delete "
+                                  f"{self.ckpt_dir} to start over")
+        return path
+
+    def _state_dicts(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-NNNNNN atomically, point `latest` at it, keep the last keep_last."""
+        import torch.distributed.checkpoint as dcp
+
+        name = f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dd.barrier()
+        with _single_process_dcp_quiet():
+            dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
+        dd.barrier()
+        if self.info.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                     "scheduler": self.scheduler.state_dict(), "early_stopping": self.early.state(),
+                     "last_eval": self.last_eval, "best_eval": self.best_eval, "world_size": self.info.world_size,
+                     "global_batch": self.global_batch, "total_steps": self.total_steps,
+                     "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                       "step_in_epoch": self.step % self.steps_per_epoch},
+                     "fingerprint": self.fingerprint}
+            torch.save(state, tmp / "trainer.pt")  # written last: its presence marks a complete folder
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.ckpt_dir / "latest", name)
+            kept = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+            for old in kept[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dd.barrier()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `save_checkpoint` wrote; refuse a checkpoint from another config."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = torch.load(path / "trainer.pt", weights_only=False)
+        theirs, ours = _flatten(state.get("fingerprint", {})), _flatten(self.fingerprint)
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<unset>") != ours.get(k, "<unset>"))
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)} "
+                                  f"differ); delete {self.ckpt_dir} or restore the old params to resume")
+        sds = self._state_dicts()
+        with _single_process_dcp_quiet():
+            dcp.load(sds, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.early.load(state["early_stopping"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_seconds, self.last_eval = state["train_seconds"], state["last_eval"]
+        self.best_eval = state["best_eval"]
+        rng_file = path / f"rng-rank{self.info.rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        if self.info.is_main:
+            self._truncate_history(self.step)
+        dd.barrier()
+        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+
+    def clean_stale_temp(self) -> None:
+        """Remove temp folders of saves that were interrupted (they were never pointed at)."""
+        if self.info.is_main and self.ckpt_dir.exists():
+            for p in self.ckpt_dir.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+        dd.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_dcp_quiet():
+    """DCP warns on every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"alpha": 1}} -> {"train.alpha": 1}, so a mismatch names the exact key."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _fmt(v):
+    return f"{v:.8g}" if isinstance(v, float) else v
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class DistillTrainer(Trainer):
+    """Hybrid KD loss (alpha*CE + (1-alpha)*T^2*KL, sums) with teacher logits read from the store.
+
+    vocab_size: the number of logits compared (the shared vocabulary): the student's logits and the
+    teacher's are sliced to it when either is padded beyond it. store: the logit store (None iff alpha == 1).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, data: dict, *, store=None, vocab_size: int | None = None,
+                 **kwargs):
+        if cfg.alpha < 1 and store is None:
+            raise ConfigError(f"train.alpha={cfg.alpha} < 1 needs the teacher-logit store; run "
+                              "`distill-pipe teacher-logits` or set alpha: 1")
+        super().__init__(model, cfg, data, **kwargs)
+        self.store = store
+        self.vocab_size = vocab_size
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> LossSums:
+        logits_BLV = model(input_ids=batch.input_ids_BL, use_cache=False).logits
+        V = self.vocab_size or logits_BLV.shape[-1]
+        logits_NV = logits_BLV.flatten(0, 1)[:, :V]
+        targets_N = batch.targets_BL.flatten()
+        teacher_fn = None
+        if self.cfg.alpha < 1 and batch.num_tokens == 0:  # a padding batch: no position reads the teacher
+            teacher_fn = _no_teacher
+        elif self.cfg.alpha < 1:
+            tb = self.store.teacher_batch(batch.split, batch.indices).to(self.device)
+
+            def teacher_fn(start: int, end: int) -> torch.Tensor:
+                return tb.logits(start, end)[:, :V]
+
+        return hybrid_loss(logits_NV, targets_N, teacher_fn, alpha=self.cfg.alpha,
+                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
+
+
+def _no_teacher(start: int, end: int) -> torch.Tensor:
+    raise AssertionError("teacher logits requested for a batch without counted tokens")

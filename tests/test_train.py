@@ -1,0 +1,291 @@
+"""The train stage end to end on the tiny teacher: outputs, CE-only without a store, resume after a real
+SIGKILL, 2 torchrun ranks vs 1, and bad input (tokenizer, incomplete store, empty eval split, config)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from distill_pipe.config import ConfigError, config_from_dict, load_config
+from distill_pipe.trainer import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT_INIT = {"config": {"num_hidden_layers": 1}}
+
+
+def set_params(root: Path, students: dict, **train) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(dict(batch_size=2, max_steps=4, eval_steps=2, save_steps=2, warmup_steps=1,
+                                max_eval_sequences=6, calibration_tokens=64, keep_last=2), **train)
+    params["students"] = students
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory, tiny_teacher) -> Path:
+    """prepare + teacher-logits on the tiny teacher, once per module; tests work on copies."""
+    from pydoc_data.topics import topics
+
+    from distill_pipe.data import run_prepare
+    from distill_pipe.teacher import run_teacher_logits
+
+    root = tmp_path_factory.mktemp("train_project")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(list(topics.values())[10:22]):
+        (corpus / f"doc{i:02d}.txt").write_text(text[:1500])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source=str(corpus), seq_len=16, max_train_tokens=None, max_validation_tokens=None,
+                          validation_fraction=0.25)
+    params["teacher"]["model"] = str(tiny_teacher)
+    params["teacher_logits"].update(codec="dense-bf16", shard_size=8)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config()
+        run_prepare(cfg)
+        run_teacher_logits(cfg)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def proj(base_project, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "p"
+    shutil.copytree(base_project, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def run(student: str, resume: bool = False, **kw) -> Path:
+    from distill_pipe.train import run_train
+
+    return run_train(load_config(), student, resume=resume, **kw)
+
+
+def rows(path: Path, drop=("tokens_per_s",)) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def test_kd_student_outputs_load_and_generate(proj):
+    set_params(proj, {"kd": {"init": STUDENT_INIT, "alpha": 0.5, "temperature": 2.0}})
+    out = run("kd")
+    assert out == Path("stages/train/kd")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 4 and m["tokens"] == 4 * 2 * 15 and not m["early_stopped"]
+    assert m["best_eval_loss"] <= m["final_eval_loss"] and m["best_eval_ppl"] > 1
+    assert m["student"]["init"] == STUDENT_INIT and m["student"]["train"]["alpha"] == 0.5
+    assert m["data"]["kind"] == "teacher-logit store" and m["vocab_compared"] == 300
+    train_rows, eval_rows = rows(out / "history" / "train.csv"), rows(out / "history" / "eval.csv")
+    assert [r["step"] for r in train_rows] == ["1", "2", "3", "4"] and [r["step"] for r in eval_rows] == ["2", "4"]
+    assert all(float(r["kl"]) > 0 for r in train_rows)
+    best = min(eval_rows, key=lambda r: float(r["eval_loss"]))
+    assert m["best_step"] == int(best["step"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000004"]
+    assert json.loads((out / "init.json").read_text())["kind"] == "config"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert json.loads((out / "model" / "distill_pipe.json").read_text())["step"] == m["best_step"]
+    ids = tok("The quick", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert gen.shape[1] == ids.shape[1] + 5
+    # a second run without --resume refuses to touch the checkpoints
+    with pytest.raises(CheckpointError, match="pass --resume to continue it, or delete"):
+        run("kd")
+
+
+def test_ce_student_trains_from_tokens_without_a_store(proj):
+    set_params(proj, {"ce": {"init": STUDENT_INIT, "alpha": 1.0}})
+    shutil.rmtree(proj / "stages" / "teacher_logits")
+    out = run("ce")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["kind"].startswith("tokens") and m["steps"] == 4
+    assert all(float(r["kl"]) == 0 and r["loss"] == r["ce"] for r in rows(out / "history" / "train.csv"))
+
+
+def test_padded_student_vocab_is_sliced_to_the_tokenizer(proj, tiny_teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    from conftest import make_tiny_llama
+
+    folder = tmp_path / "padded"
+    make_tiny_llama(folder, AutoTokenizer.from_pretrained(tiny_teacher), layers=1, vocab_size=320, seed=1)
+    set_params(proj, {"pad": {"init": {"pretrained": str(folder)}}}, max_steps=2)
+    m = json.loads((run("pad") / "metrics.json").read_text())
+    assert m["vocab_compared"] == 300 and m["steps"] == 2
+
+
+# ---------------------------------------------------------------- resume
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from distill_pipe import trainer
+    step = trainer.Trainer.train_step
+    def slow_step(self, batches):  # slow enough to be killed between checkpoints
+        time.sleep(0.3)
+        return step(self, batches)
+    trainer.Trainer.train_step = slow_step
+    from distill_pipe.config import load_config
+    from distill_pipe.train import run_train
+    run_train(load_config(), sys.argv[1])
+""")
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(proj):
+    students = {"a": {"init": STUDENT_INIT}, "b": {"init": STUDENT_INIT}}
+    set_params(proj, students, max_steps=10, save_steps=2, eval_steps=3, early_stop_patience=3)
+    run("a")  # uninterrupted
+    (proj / "kill.py").write_text(KILL_SCRIPT)
+    latest = proj / "stages" / "train" / "b" / "checkpoints" / "latest"
+    proc = subprocess.Popen([sys.executable, "kill.py", "b"], cwd=proj, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + 120
+        while not (latest.exists() and latest.read_text() >= "step-000004"):
+            assert proc.poll() is None and time.time() < deadline, "training subprocess ended before a checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = latest.read_text()
+    assert killed_at < "step-000010", "the run finished before the kill"
+    run("b", resume=True)
+    a, b = proj / "stages" / "train" / "a", proj / "stages" / "train" / "b"
+    assert rows(a / "history" / "train.csv") == rows(b / "history" / "train.csv")
+    assert rows(a / "history" / "eval.csv") == rows(b / "history" / "eval.csv")
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    for key in ("best_eval_loss", "final_eval_loss", "steps", "tokens", "early_stopped", "best_step"):
+        assert ma[key] == mb[key], key
+
+
+def test_resume_with_a_changed_config_is_an_error(proj):
+    set_params(proj, {"kd": {"init": STUDENT_INIT}}, max_steps=2)
+    run("kd")
+    set_params(proj, {"kd": {"init": STUDENT_INIT, "temperature": 4.0}}, max_steps=2)
+    with pytest.raises(CheckpointError, match=r"different config \(train.temperature differ\)"):
+        run("kd", resume=True)
+    set_params(proj, {"kd": {"init": {"config": {"num_hidden_layers": 2}}}}, max_steps=2)
+    with pytest.raises(CheckpointError, match=r"init.config.num_hidden_layers differ"):
+        run("kd", resume=True)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from distill_pipe.config import load_config
+    from distill_pipe.train import run_train
+    from distill_pipe import distributed
+    run_train(load_config(), sys.argv[1])
+    distributed.shutdown()
+""")
+
+
+def test_two_torchrun_ranks_with_fsdp_equal_one_process(proj):
+    # same global batch (2 ranks x 1 vs 1 x 2) and the last step has a padding micro-batch on one rank
+    students = {"one": {"init": STUDENT_INIT, "batch_size": 2}, "two": {"init": STUDENT_INIT, "batch_size": 1}}
+    set_params(proj, students, max_steps=3, save_steps=2, eval_steps=1, max_eval_sequences=5)
+    run("one")
+    (proj / "ddp.py").write_text(TORCHRUN_SCRIPT)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "ddp.py", "two"], cwd=proj, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = proj / "stages" / "train" / "one", proj / "stages" / "train" / "two"
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["world_size"] == 2 and m2["global_batch"] == 2
+    w1, w2 = weights(one / "model"), weights(two / "model")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
+    e1, e2 = rows(one / "history" / "eval.csv"), rows(two / "history" / "eval.csv")
+    assert [r["eval_tokens"] for r in e1] == [r["eval_tokens"] for r in e2]
+    for a, b in zip(e1, e2, strict=True):
+        assert float(a["eval_loss"]) == pytest.approx(float(b["eval_loss"]), rel=1e-5)
+    assert (two / "checkpoints" / "step-000002" / "trainer.pt").exists()
+    assert len(list((two / "checkpoints" / "step-000002").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_student_with_another_tokenizer_is_refused(proj, tmp_path):
+    from conftest import make_tiny_llama, make_tokenizer
+
+    folder = tmp_path / "other"
+    folder.mkdir()
+    make_tiny_llama(folder, make_tokenizer(folder, vocab_size=280), layers=1)
+    set_params(proj, {"x": {"init": {"pretrained": str(folder)}}})
+    with pytest.raises(ValueError, match="tokenizer differs from the one .* was made with"):
+        run("x")
+    set_params(proj, {"x": {"init": {"pretrained": str(folder)}, "alpha": 1.0}})
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        run("x")
+
+
+def test_incomplete_store_raises_store_incomplete_error(proj):
+    from distill_pipe.store import StoreIncompleteError, create_store, make_codec, open_store
+
+    src = open_store("stages/teacher_logits/logits.zarr")
+    attrs = {k: src.info[k] for k in ("teacher", "tokenizer", "data")}
+    create_store("stages/teacher_logits/logits.zarr", attrs=attrs,
+                 splits={s: np.asarray(src.input_ids(s)[...]) for s in src.splits}, codec=make_codec("dense-bf16"),
+                 shard_size=8, vocab_size=300, overwrite=True)
+    set_params(proj, {"kd": {"init": STUDENT_INIT}})
+    with pytest.raises(StoreIncompleteError):
+        run("kd")
+
+
+def test_empty_eval_split_is_a_one_line_error(proj):
+    import zarr
+
+    from distill_pipe.data import write_tokens
+
+    tokens = zarr.open_group("stages/prepare/tokens.zarr", mode="r")
+    arrays = {"train": tokens["train"]["input_ids"][...], "validation": np.zeros((0, 16), np.int32)}
+    write_tokens(Path("stages/prepare/tokens.zarr"), arrays, dict(tokens.attrs))
+    set_params(proj, {"ce": {"init": STUDENT_INIT, "alpha": 1.0}})
+    with pytest.raises(ValueError, match=r"validation split of .* is empty") as e:
+        run("ce")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key, value, match", [("alpha", 1.5, "alpha must be in"), ("alpha", -0.1, "alpha must be in"),
+                                               ("temperature", 0.0, "temperature must be > 0")])
+def test_invalid_alpha_or_temperature_via_config(key, value, match):
+    raw = {"students": {"kd": {"init": STUDENT_INIT, key: value}}}
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)
