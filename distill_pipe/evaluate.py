@@ -1,0 +1,187 @@
+"""The `evaluate` stage: teacher, each student's best model and its initialisation, on the validation split.
+
+For every model: perplexity (exp of the mean next-token CE), mean KL(teacher || model) at T=1 and top-1
+agreement with the teacher, over the same target positions. The teacher's figures come from the store,
+never from reloading it. Writes `<paths.evaluate>/metrics.json`, `report.md` and `chart.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill_pipe import models
+from distill_pipe.config import Config
+from distill_pipe.losses import IGNORE_INDEX, shift_for_next_token
+from distill_pipe.store import open_store
+
+log = logging.getLogger(__name__)
+SPLIT = "validation"
+
+
+class EvaluateError(ValueError):
+    """Missing inputs of the evaluate stage; the message says which stage to run."""
+
+
+@torch.no_grad()
+def score(model, store, indices, batch_size: int, chunk: int = 512, desc: str = "") -> dict:
+    """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself."""
+    ce = kl = agree = 0.0
+    n = 0
+    bar = tqdm(range(0, len(indices), batch_size), desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True)
+    for s in bar:
+        idx = list(indices[s : s + batch_size])
+        ids_BL = torch.as_tensor(store.input_ids(SPLIT)[idx], dtype=torch.long)
+        targets_N = shift_for_next_token(ids_BL).reshape(-1)
+        teacher = store.teacher_batch(SPLIT, idx)
+        student_NV = None if model is None else model(ids_BL).logits.float().reshape(len(targets_N), -1)
+        for a in range(0, len(targets_N), chunk):
+            b = min(a + chunk, len(targets_N))
+            t = targets_N[a:b]
+            keep = t != IGNORE_INDEX
+            if not keep.any():
+                continue
+            t_logp = torch.log_softmax(teacher.logits(a, b), -1)[keep]
+            t = t[keep]
+            if student_NV is None:
+                s_logp = t_logp
+            else:
+                V = min(student_NV.shape[1], t_logp.shape[1])  # a padded vocab is sliced to the shared part
+                s_logp = torch.log_softmax(student_NV[a:b][keep][:, :V], -1)
+                t_logp = torch.log_softmax(t_logp[:, :V], -1)
+            p = t_logp.exp()
+            kl += torch.where(p > 0, p * (t_logp - s_logp), 0.0).sum().item()
+            ce -= s_logp.gather(1, t[:, None]).sum().item()
+            agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
+            n += len(t)
+    return {"perplexity": math.exp(ce / n), "ce": ce / n, "kl_to_teacher": kl / n, "top1_agreement": agree / n,
+            "tokens": n}
+
+
+def run_evaluate(cfg: Config) -> Path:
+    out = Path(cfg.paths.evaluate)
+    store = open_store(cfg.paths.logits)
+    store.check_complete(SPLIT)
+    n_seq = store.num_sequences(SPLIT)
+    indices = list(range(min(n_seq, cfg.evaluate.max_sequences or n_seq)))
+    bs = cfg.evaluate.batch_size
+    log.info("evaluating on %d validation sequences of %s", len(indices), cfg.paths.logits)
+
+    results: dict[str, dict] = {"teacher": {"model": cfg.teacher.model, **score(None, store, indices, bs, desc="teacher")}}
+    inits: dict[str, dict] = {}
+    for name, scfg in cfg.students.items():
+        folder = Path(cfg.paths.train) / name
+        if not (folder / "model" / "config.json").is_file():
+            raise EvaluateError(f"student {name} has no trained model in {folder / 'model'}; run "
+                                f"`distill-pipe train --student {name}` (or `dvc repro`)")
+        model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32).eval()
+        results[name] = {"alpha": scfg.train.alpha, "temperature": scfg.train.temperature,
+                         **score(model, store, indices, bs, desc=name)}
+        del model
+        key = json.dumps(scfg.init, sort_keys=True)
+        if key not in inits:  # students that share an init are scored against it once
+            init_model = _init_model(cfg, scfg)
+            inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, desc=f"{name} init")}
+            del init_model
+        results[name]["init"] = inits[key]
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_flat_metrics(results), indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(results, len(indices) * store.seq_len))
+    write_chart(out / "chart.png", results, cfg)
+    log.info("wrote %s, %s and %s", out / "metrics.json", out / "report.md", out / "chart.png")
+    return out
+
+
+def _init_model(cfg: Config, scfg):
+    """The student as initialised, rebuilt exactly as the train stage built it (a layer selection comes
+    from the cache that stage filled)."""
+    from distill_pipe.students import build_student
+    from distill_pipe.train import calibration_ids
+
+    calib = calibration_ids(open_store(cfg.paths.logits).input_ids("train"), scfg.train.calibration_tokens)
+    with tempfile.TemporaryDirectory() as scratch:  # never write into the train stage's outputs
+        model, _, _ = build_student(cfg, scfg, Path(scratch), calib)
+    return model.eval()
+
+
+def _flat_metrics(results: dict) -> dict:
+    """metrics.json for `dvc metrics show`: one flat mapping of numbers per model."""
+    out = {}
+    for name, r in results.items():
+        out[name] = {k: r[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}
+        if "init" in r:
+            out[name]["init_perplexity"] = r["init"]["perplexity"]
+    return out
+
+
+def report_markdown(results: dict, tokens: int) -> str:
+    teacher_ppl = results["teacher"]["perplexity"]
+    lines = [f"# Evaluation on the validation split ({tokens:,} tokens)", "",
+             "| model | alpha | T | perplexity | KL to teacher (nats/token) | top-1 agreement | init perplexity |",
+             "|---|---|---|---|---|---|---|",
+             f"| teacher | | | {teacher_ppl:.2f} | 0 | 1 | |"]
+    for name, r in results.items():
+        if name == "teacher":
+            continue
+        lines.append(f"| {name} | {r['alpha']} | {r['temperature']} | {r['perplexity']:.2f} | {r['kl_to_teacher']:.4f} "
+                     f"| {r['top1_agreement']:.3f} | {r['init']['perplexity']:.2f} |")
+    ce = [r for n, r in results.items() if n != "teacher" and r["alpha"] == 1.0]
+    kd = [(n, r) for n, r in results.items() if n != "teacher" and r["alpha"] < 1.0]
+    if ce and kd:
+        base = ce[0]["perplexity"]
+        lines += ["", f"Against the CE-only baseline (perplexity {base:.2f}, teacher {teacher_ppl:.2f}):", ""]
+        for n, r in kd:
+            gain = 1 - r["perplexity"] / base
+            closed = (base - r["perplexity"]) / (base - teacher_ppl) if base != teacher_ppl else float("nan")
+            lines.append(f"- {n}: {gain:+.1%} perplexity vs CE-only, {closed:.0%} of CE-only's gap to the teacher closed")
+    return "\n".join(lines) + "\n"
+
+
+def _read_eval_history(folder: Path) -> tuple[list[int], list[float]]:
+    path = folder / "history" / "eval.csv"
+    if not path.is_file():
+        return [], []
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    # CE, not the optimised loss: alpha and T differ between students, CE is comparable across them.
+    return [int(r["step"]) for r in rows], [float(r["eval_ce"]) for r in rows]
+
+
+def write_chart(path: Path, results: dict, cfg: Config) -> None:
+    """Eval-loss curves of every student and a perplexity comparison; a PNG needs no internet to open."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in cfg.students:
+        steps, losses = _read_eval_history(Path(cfg.paths.train) / name)
+        if steps:
+            ax1.plot(steps, losses, marker="o", ms=3, label=name)
+    ax1.set(xlabel="optimizer step", ylabel="validation CE (nats/token)", title="students: validation CE")
+    ax1.legend()
+    names = list(results)
+    ppl = [results[n]["perplexity"] for n in names]
+    init = [results[n]["init"]["perplexity"] if "init" in results[n] else np.nan for n in names]
+    x = np.arange(len(names))
+    ax2.bar(x - 0.2, init, 0.4, label="at init", color="#bbb")
+    ax2.bar(x + 0.2, ppl, 0.4, label="trained", color="#3a7")
+    for xi, v in zip(x, ppl):
+        ax2.text(xi + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_xticks(x, names)
+    ax2.set(ylabel="validation perplexity (log)", title="perplexity: teacher vs students")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""The whole lineage under DVC on a tiny configuration, in a temporary copy of the repository."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+def sh(*args, cwd, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, tiny_teacher):
+    """A git+DVC copy of the repository whose params use the tiny teacher and two tiny students."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(seq_len=32, max_train_tokens=2048, max_validation_tokens=512)
+    params["teacher"]["model"] = str(tiny_teacher)
+    params["teacher_logits"].update(shard_size=8, batch_size=8)
+    params["train"].update(batch_size=4, num_epochs=1.0, max_steps=4, eval_steps=2, save_steps=2, warmup_steps=1,
+                           calibration_tokens=64)
+    params["students"] = {"kd20": {"init": {"from_teacher": {"num_layers": 1}}, "alpha": 0.5},
+                          "ce20": {"init": {"from_teacher": {"num_layers": 1}}, "alpha": 1.0}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny", cwd=root)
+    return root
+
+
+def test_repro_runs_the_lineage_then_does_nothing(repo):
+    out = sh("dvc", "repro", cwd=repo)
+    assert ran(out) == {"prepare", "teacher_logits", "train@kd20", "train@ce20", "evaluate"}
+    metrics = json.loads((repo / "stages/evaluate/metrics.json").read_text())
+    assert set(metrics) == {"teacher", "kd20", "ce20"}
+    assert (repo / "stages/evaluate/chart.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| teacher |" in (repo / "stages/evaluate/report.md").read_text()
+    again = sh("dvc", "repro", cwd=repo)
+    assert ran(again) == set(), again
+
+
+def test_changing_one_student_reruns_only_it_and_evaluate(repo):
+    sh("dvc", "repro", cwd=repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["students"]["kd20"]["temperature"] = 3.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc", "repro", cwd=repo)
+    assert ran(out) == {"train@kd20", "evaluate"}, out
+
+
+def test_adding_a_student_reuses_the_store(repo):
+    sh("dvc", "repro", cwd=repo)
+    store_flags = (repo / "stages/teacher_logits/logits.zarr/zarr.json").read_bytes()
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["students"]["kd_t4"] = {"init": {"from_teacher": {"layers": [1]}}, "alpha": 0.3, "temperature": 4.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc", "repro", cwd=repo)
+    assert ran(out) == {"train@kd_t4", "evaluate"}, out
+    assert (repo / "stages/teacher_logits/logits.zarr/zarr.json").read_bytes() == store_flags
+    assert "kd_t4" in json.loads((repo / "stages/evaluate/metrics.json").read_text())
+
+
+def test_metrics_plots_and_experiments(repo):
+    sh("dvc", "repro", cwd=repo)
+    shown = sh("dvc", "metrics", "show", cwd=repo)
+    assert "perplexity" in shown and "kd20" in shown
+    sh("dvc", "plots", "show", "-o", "plots_html", cwd=repo)
+    assert (repo / "plots_html" / "index.html").is_file()
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "ran", cwd=repo)
+    out = sh("dvc", "exp", "run", "-S", "students.kd20.alpha=0.8", cwd=repo)
+    assert "train@kd20" in out and "teacher_logits" not in ran(out), out
