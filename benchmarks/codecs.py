@@ -2,6 +2,7 @@
 
     python benchmarks/codecs.py                      # 8 x 256 positions of the builtin corpus (~8 min, 2 cores)
     python benchmarks/codecs.py --sequences 4 --quick
+    python benchmarks/codecs.py --codecs dense-u8     # only that codec's rows (also: factored, dense-bf16, top-k)
 
 Teacher: builtin:smollm2-135m in fp32. Corpus: CPython's pydoc topics joined with EOS. For every codec setting
 the payload really goes through a zarr store on local disk (create_store + ShardWriter), and is read back
@@ -181,7 +182,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="positions decoded at a time")
     ap.add_argument("--quick", action="store_true", help="only the default setting of each codec")
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temporary folder)")
+    ap.add_argument("--codecs", default="factored,dense-bf16,dense-u8,top-k",
+                    help="comma-separated rows to run: factored, dense-bf16, dense-u8, top-k")
     args = ap.parse_args()
+    wanted = set(args.codecs.split(","))
+    unknown = wanted - {"factored", "dense-bf16", "dense-u8", "top-k"}
+    if unknown:
+        ap.error(f"--codecs: unknown {sorted(unknown)}; choose from factored, dense-bf16, dense-u8, top-k")
     torch.set_num_threads(os.cpu_count() or 1)
 
     from distill_pipe.models import load_causal_lm, load_tokenizer
@@ -189,7 +196,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tok = load_tokenizer("builtin:smollm2-135m")
     model = load_causal_lm("builtin:smollm2-135m", dtype=torch.float32).eval()
-    n_all = args.sequences + args.calib_sequences
+    n_all = args.sequences + (args.calib_sequences if "factored" in wanted else 0)
     ids = torch.tensor(corpus_ids(tok, n_all * args.seq_len)).view(n_all, args.seq_len)
     h_all = teacher_hidden(model, ids, args.batch)
     head_dict = head_from_model(model)
@@ -212,9 +219,13 @@ def main() -> None:
             ("factored", {"hidden_dtype": "klt-int8", "step": 0.2}),
             ("dense-bf16", {}),
             ("dense-u8", {}), ("dense-u8", {"zstd_level": 3}),
+            ("dense-u8", {"exact_top_k": 0}),  # the defaults before the exact overlay (gamma 0.2)
+            ("dense-u8", {"exact_top_k": 0, "gamma": 0.4}), ("dense-u8", {"gamma": 0.2}),
+            ("dense-u8", {"exact_top_k": 64}), ("dense-u8", {"tail_mass": 7e-4}),
             ("dense-u8", {"gamma": 0.0, "step": 1 / 16, "tail_mass": 1e-3}),
             ("dense-u8", {"gamma": 0.0, "step": 1 / 16, "tail_mass": 1e-2}),
         ]
+    settings = [(name, params) for name, params in settings if name in wanted]
     raw = 2 * V
     mb = N * L * raw / 1e6
     header = ("| codec | params | B/token | x bf16 | TV@1 | TV@2 | TV@4 | KL(t‖r)@1 | KL(t‖r)@2 | KL(t‖r)@4 | "
@@ -240,11 +251,11 @@ def main() -> None:
             head_bytes = max(head_bytes, hb)
             row(name, ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
                 or "default", nbytes, m, te, td)
-        for k_top in (32, 128):
+        for k_top in (32, 128) if "top-k" in wanted else ():
             nbytes, m, te, td = run_topk(k_top, h_NLD, head, root, args.shard_size, args.chunk, ref)
             row(f"top-{k_top}", "ids u16 + fp16 logprobs", nbytes, m, te, td)
-    print(f"\nfactored head (stored once per store): {head_bytes / 1e6:.1f} MB on disk; raw bf16 logits = {raw:,} "
-          f"B/token; total {time.perf_counter() - t0:.0f} s")
+    head_note = f"factored head (stored once per store): {head_bytes / 1e6:.1f} MB on disk; " if head_bytes else ""
+    print(f"\n{head_note}raw bf16 logits = {raw:,} B/token; total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -139,60 +139,194 @@ def test_factored_klt_int8_transform_coding(tmp_path):
     assert torch.equal(again.reshape(-1, D), batch.payload["hidden"])
 
 
-def naive_u8(logits_PV, step, tail_mass, gamma):
-    """Per-position numpy reference of the dense-u8 quantiser (float64)."""
-    out = np.empty(logits_PV.shape, np.uint8)
+def naive_u8(logits_PV, step, tail_mass, gamma, k):
+    """Per-position numpy reference of the dense-u8 encoder (float64).
+
+    Returns codes (P, V) uint8 before and after the tail is dropped, the overlay's ids (P, k) and fp16 values.
+    """
+    P, Vx = logits_PV.shape
+    raw, codes = np.empty((P, Vx), np.uint8), np.empty((P, Vx), np.uint8)
+    ids, vals = np.zeros((P, k), np.int64), np.zeros((P, k), np.float16)
     for i, row in enumerate(logits_PV.double().numpy()):
         lp = row - row.max() - math.log(np.exp(row - row.max()).sum())
         r = lp - lp.max()
-        code = np.round((1 - np.exp(gamma * r)) / step) if gamma else np.round(-r / step)
-        code = np.clip(code, 0, 254)
-        order = np.argsort(lp, kind="stable")
-        drop = np.zeros(len(row), bool)
-        drop[order[np.cumsum(np.exp(lp[order])) < tail_mass]] = True
-        code[drop] = 255
-        out[i] = code
-    return out
+        u = r
+        if k:
+            ids[i] = np.argsort(-r, kind="stable")[:k]
+            vals[i] = r[ids[i]].astype(np.float16)
+            origin = float(vals[i, -1]) if np.isfinite(vals[i, -1]) else 0.0
+            u = np.minimum(r - origin, 0)
+        code = np.clip(np.round((1 - np.exp(gamma * u)) / step) if gamma else np.round(-u / step), 0, 254)
+        raw[i] = code
+        # drop whole codes, least likely first, while the mass of all dropped codes stays below tail_mass
+        first = 255
+        while first > 0 and np.exp(lp[code >= first - 1]).sum() < tail_mass:
+            first -= 1
+        code[(code >= first) | np.isneginf(r)] = 255
+        codes[i] = code
+    return raw, codes, ids, vals
 
 
-@pytest.mark.parametrize("gamma,step", [(0.2, 1 / 255), (0.0, 1 / 16)])
-def test_dense_u8_against_naive_quantiser_and_tv_bound(tmp_path, gamma, step):
+def peaked_logits(P, Vx, seed=0):
+    """Zipf-like teacher rows: a few dominant tokens, a long tail (like a real LM's next-token distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.argsort(torch.rand(P, Vx, generator=g), -1).float()  # a random permutation of ranks per row
+    return -1.1 * torch.log1p(rank) * (1 + 0.3 * torch.rand(P, 1, generator=g)) + 0.5 * torch.randn(P, Vx, generator=g)
+
+
+@pytest.mark.parametrize("gamma,step,k", [(0.4, 1 / 255, 8), (0.2, 1 / 255, 0), (0.0, 1 / 16, 8)])
+def test_dense_u8_against_naive_encoder(tmp_path, gamma, step, k):
     tail = 0.01
-    codec = make_codec("dense-u8", step=step, tail_mass=tail, gamma=gamma)
+    codec = make_codec("dense-u8", step=step, tail_mass=tail, gamma=gamma, exact_top_k=k)
     _, logits, _ = build(tmp_path / "s", codec)
     store = open_store(tmp_path / "s")
+    assert store.codec.params == codec.params
     flat = logits.reshape(-1, V)
-    codes = store.teacher_batch("train", list(range(10))).payload["logprobs_u8"].numpy()
-    naive = naive_u8(flat, step, tail, gamma)
+    batch = store.teacher_batch("train", list(range(10)))
+    codes = batch.payload["logprobs_u8"].numpy()
+    raw, naive, ids, vals = naive_u8(flat, step, tail, gamma, k)
     assert np.array_equal(codes == 255, naive == 255)
     assert np.abs(codes.astype(int) - naive.astype(int)).max() <= 1  # float32 vs float64 rounding ties
     assert (codes != naive).mean() < 0.01
-    got = store.teacher_batch("train", list(range(10))).logits()
+    if k:
+        assert batch.payload["top_ids"].dtype == torch.uint16
+        assert np.array_equal(np.sort(batch.payload["top_ids"].numpy().astype(int), -1), np.sort(ids, -1))
+        assert np.array_equal(batch.payload["top_logprobs"].numpy(), vals)
+    got = batch.logits()
     assert torch.isneginf(got).sum() == (codes == 255).sum() > 0  # the tail is -inf = probability 0
-    assert (got.max(-1).values == 0).all()
+    assert (got.max(-1).values == 0).all() and (got.argmax(-1) == flat.argmax(-1)).all()
     ref = torch.log_softmax(flat, -1)
     dropped = torch.where(torch.from_numpy(codes == 255), ref.exp(), 0).sum(-1)
     assert (dropped < tail).all()
-    # kept tokens: relative log-prob error at most half a step of the quantiser grid (in nats)
+    # kept tokens off the overlay: error at most half a step of the grid (in nats), the grid starting at the
+    # k-th largest r (fp16) with an overlay, at the max without
     r = ref - ref.max(-1, keepdim=True).values
-    kept = torch.from_numpy(codes < 254)
-    half_step = step / 2 if gamma == 0 else step / 2 / (gamma * torch.exp(gamma * r[kept]))
-    assert ((got[kept] - r[kept]).abs() <= half_step * 1.01 + 1e-5).all()
-    assert tv(ref, torch.log_softmax(got, -1)).max() <= tail + 0.5 * (math.exp(step / 2 if gamma == 0 else 0.05) - 1) * 2
+    origin = torch.from_numpy(vals[:, -1:].astype(np.float32)) if k else torch.zeros(len(r), 1)
+    on_grid = torch.from_numpy(codes < 254)
+    if k:
+        on_grid.scatter_(1, torch.from_numpy(ids), False)
+    u = (r - origin)[on_grid]
+    half_step = step / 2 if gamma == 0 else step / 2 / (gamma * torch.exp(gamma * u))
+    assert ((got[on_grid] - r[on_grid]).abs() <= half_step * 1.01 + 1e-5).all()
+    rounding = 0.5 * (math.exp(step / 2 if gamma == 0 else 0.05) - 1) * 2
+    assert tv(ref, torch.log_softmax(got, -1)).max() <= tail + rounding
+
+
+def test_dense_u8_histogram_tail_vs_sort_and_overlay_on_peaked_rows():
+    Vx, tail, k = 3000, 2e-3, 16
+    x = peaked_logits(64, Vx)
+    lp = torch.log_softmax(x.double(), -1)
+    p = lp.exp()
+    codec = make_codec("dense-u8", tail_mass=tail, exact_top_k=k)
+    pay = {n: t.reshape(64, -1) for n, t in codec.encode(x[None]).items()}
+    codes = pay["logprobs_u8"].long()
+    drop = codes == 255
+    raw = torch.from_numpy(naive_u8(x, codec.step, tail, codec.gamma, k)[0]).long()  # codes before the tail
+    for i in range(64):
+        d = drop[i]
+        assert p[i][d].sum() < tail  # the tail mass bound, per position
+        kept_off_overlay = ~d
+        kept_off_overlay[pay["top_ids"][i].long()] = False
+        # whole bins: every dropped token sits in a code at least as unlikely as every kept token's code
+        assert raw[i][d].min() > raw[i][kept_off_overlay].max()
+        # and no more could go: the next bin up would cross tail_mass
+        assert p[i][raw[i] >= raw[i][kept_off_overlay].max()].sum() >= tail
+        # a sort drops a superset, differing only inside the boundary bin
+        order = torch.argsort(lp[i])
+        sort_drop = torch.zeros(Vx, dtype=torch.bool)
+        sort_drop[order[torch.cumsum(p[i][order], 0) < tail]] = True
+        assert not (d & ~sort_drop).any()
+        assert (raw[i][sort_drop & ~d] == raw[i][~d].max()).all()
+    # the overlay: the true top k, stored and decoded exactly (fp16 of r)
+    r = (lp - lp.max(-1, keepdim=True).values).float()
+    assert torch.equal(pay["top_ids"].long().sort(-1).values, torch.topk(r, k, -1).indices.sort(-1).values)
+    got = codec.decode(pay, None)
+    idx = pay["top_ids"].long()
+    assert torch.equal(got.gather(1, idx), r.gather(1, idx).half().float())
+    # accuracy on peaked rows: the overlay removes most of the rounding error of the likely tokens
+    plain = make_codec("dense-u8", tail_mass=tail, exact_top_k=0)
+    plain_pay = {n: t.reshape(64, -1) for n, t in plain.encode(x[None]).items()}
+    tv_plain = tv(lp.float(), torch.log_softmax(plain.decode(plain_pay, None), -1))
+    tv_overlay = tv(lp.float(), torch.log_softmax(got, -1))
+    assert tv_overlay.mean() < 0.7 * tv_plain.mean() and tv_overlay.mean() < tail + 1e-3
+    assert codec.check_payload({n: t.numpy() for n, t in pay.items()}) is None
+
+
+def test_dense_u8_encode_is_sort_free_and_large_vocab_ids(monkeypatch):
+    """Speed sanity, not timed: no per-position sort (O(V log V)); int32 ids once V > 65536."""
+    Vx = 70000
+    x = peaked_logits(3, Vx, seed=1)
+    codec = make_codec("dense-u8", exact_top_k=4)
+    assert codec.payload_specs(Vx, None)["top_ids"].dtype == np.int32
+
+    def refuse(*a, **kw):
+        raise AssertionError("dense-u8 encode sorted a whole row")
+
+    monkeypatch.setattr(torch, "sort", refuse)
+    monkeypatch.setattr(torch, "argsort", refuse)
+    monkeypatch.setattr(torch.Tensor, "sort", refuse)
+    monkeypatch.setattr(torch.Tensor, "argsort", refuse)
+    pay = codec.encode(x[None])
+    monkeypatch.undo()
+    assert pay["top_ids"].dtype == torch.int32
+    assert torch.equal(pay["top_ids"][0].long(), torch.topk(x, 4, -1).indices)  # ids above 65535 survive
+    rec = codec.decode({n: t[0] for n, t in pay.items()}, None)
+    r = x - x.max(-1, keepdim=True).values
+    assert torch.equal(rec.gather(1, pay["top_ids"][0].long()), pay["top_logprobs"][0].float())
+    assert (torch.where(torch.isneginf(rec), torch.softmax(x.double(), -1), 0).sum(-1) < codec.tail_mass).all()
+    fine = pay["logprobs_u8"][0] < 200  # the companded grid's steps widen to ~1.7 nats at its far end
+    assert fine.sum() > 100 and ((rec - r)[fine].abs() < 0.05).all()
 
 
 def test_dense_u8_masked_vocab_and_bad_params():
     codec = make_codec("dense-u8", tail_mass=0.0)
     x = torch.randn(1, 2, V)
     x[..., 5] = -math.inf  # e.g. a padded vocab entry
-    codes = codec.encode(x)["logprobs_u8"]
+    pay = codec.encode(x)
+    codes = pay["logprobs_u8"]
     assert (codes[..., 5] == 255).all() and (codes != 255).sum() == 2 * (V - 1)
+    assert not (pay["top_ids"] == 5).any()
+    # fewer finite tokens than the overlay holds: the masked ones stay -inf, the rest exact
+    y = torch.full((1, 1, V), -math.inf)
+    y[..., :3] = torch.tensor([2.0, 1.0, 0.5])
+    few = make_codec("dense-u8", exact_top_k=8)
+    pay = few.encode(y)
+    rec = few.decode({n: t[0] for n, t in pay.items()}, None)
+    assert torch.equal(rec[0, :3], torch.tensor([0.0, -1.0, -1.5]))
+    assert torch.isneginf(rec[0, 3:]).all()
+    assert few.check_payload({n: t.numpy() for n, t in pay.items()}) is None
+    for bad in (math.nan, math.inf):
+        z = torch.randn(1, 2, V)
+        z[0, 1, 3] = bad
+        with pytest.raises(ValueError, match="NaN, \\+inf"):
+            few.encode(z)
+    assert make_codec("dense-u8").gamma == 0.4 and make_codec("dense-u8", exact_top_k=0).gamma == 0.2
     with pytest.raises(ValueError, match="tail_mass"):
         make_codec("dense-u8", tail_mass=0.7)
+    with pytest.raises(ValueError, match="exact_top_k"):
+        make_codec("dense-u8", exact_top_k=-1)
+    with pytest.raises(ValueError, match="exact_top_k=200 exceeds the vocabulary size 97"):
+        make_codec("dense-u8", exact_top_k=200).encode(torch.randn(1, 1, V))
     with pytest.raises(ValueError, match="unknown codec"):
         make_codec("top-k")
     with pytest.raises(ValueError, match="bad parameters"):
         make_codec("dense-bf16", step=3)
+
+
+def test_dense_u8_check_payload_flags_bad_overlay():
+    codec = make_codec("dense-u8", exact_top_k=4)
+    good = {n: t.numpy() for n, t in codec.encode(torch.randn(1, 3, V)).items()}
+    assert codec.check_payload(good) is None
+    for name, edit, problem in [("logprobs_u8", lambda a: a.__setitem__((0, 1), 7), "without its max"),
+                                ("top_ids", lambda a: a.__setitem__((0, 2, 1), V), "outside the vocabulary"),
+                                ("top_logprobs", lambda a: a.__setitem__((0, 0, 0), -1.0), "descending"),
+                                ("top_logprobs", lambda a: a.__setitem__((0, 0, 2), np.nan), "descending")]:
+        bad = {n: a.copy() for n, a in good.items()}
+        if name == "logprobs_u8":
+            bad[name][0, 1] = np.maximum(bad[name][0, 1], 1)
+        else:
+            edit(bad[name])
+        assert problem in codec.check_payload(bad)
 
 
 def test_factored_refuses_nonfinite_and_fp16_overflow():
