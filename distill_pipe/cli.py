@@ -7,6 +7,7 @@ Works as a torchrun target: `torchrun --nproc_per_node=2 -m distill_pipe teacher
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -71,14 +72,14 @@ def prepare(params: ParamsOpt = None, set_: SetOpt = None):
 
 @command
 def teacher_logits(params: ParamsOpt = None, set_: SetOpt = None,
-                   overwrite: Annotated[bool, typer.Option(help="replace a store made from other inputs")] = False):
+                   overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
+                   replace_changed: Annotated[bool, typer.Option(
+                       help="replace the store only if it was made from other inputs, else resume it (dvc.yaml)")] = False):
     """Run the teacher over tokens.zarr and write its compressed logits to the store (resumable)."""
     from distill_pipe.teacher import run_teacher_logits
 
-    try:
-        run_teacher_logits(_config(params, set_), overwrite=overwrite)
-    finally:
-        _shutdown()
+    with _process_group():
+        run_teacher_logits(_config(params, set_), overwrite=overwrite, replace_changed=replace_changed)
 
 
 @command
@@ -88,10 +89,8 @@ def train(student: Annotated[str, typer.Option("--student", help="name of an ent
     """Train a student against the stored teacher logits (or plain LM training when alpha is 1)."""
     from distill_pipe.train import run_train
 
-    try:
+    with _process_group():
         run_train(_config(params, set_), student, resume=resume)
-    finally:
-        _shutdown()
 
 
 @command
@@ -116,9 +115,17 @@ def inspect(store: Annotated[str, typer.Argument(help="store path or fsspec URL"
         raise typer.Exit(1)
 
 
-def _shutdown() -> None:
+@contextlib.contextmanager
+def _process_group():
+    """Leave the torchrun process group at the end: with a barrier on success, without one on an error
+    (another rank may never reach it)."""
     from distill_pipe import distributed
 
+    try:
+        yield
+    except BaseException:
+        distributed.shutdown(barrier=False)
+        raise
     distributed.shutdown()
 
 

@@ -7,6 +7,7 @@ declared. User errors raise ``ConfigError`` (a ValueError) with one line naming 
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 import types
 import typing
@@ -17,6 +18,18 @@ from typing import Any
 import yaml
 
 DEFAULT_PARAMS = "params.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `3e-4` as a string (a float needs a dot there); learning rates are written so."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*)?(\.\d*)?[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -305,7 +318,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep:
             raise ConfigError(f"--set {item!r} must look like section.key=value")
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = _yaml(text) if text != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: value {text!r} is not valid YAML ({e.problem})") from None
         out.append((key.strip(), value))
@@ -318,7 +331,7 @@ def load_config(params: str | Path | None = None, overrides: list[str] = ()) -> 
     raw: dict = {}
     if path.exists():
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(raw, dict):

@@ -32,10 +32,15 @@ class EvaluateError(ValueError):
 
 
 @torch.no_grad()
-def score(model, store, indices, batch_size: int, chunk: int = 512, desc: str = "") -> dict:
-    """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself."""
+def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int = 512, desc: str = "") -> dict:
+    """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself.
+
+    vocab_size: the logits compared (the tokenizer's size when a model pads its vocabulary, as in training).
+    A lossy store (dense-u8) gives some targets zero teacher probability: the teacher's perplexity is then
+    over the other targets, and their count is reported as zero_prob_targets.
+    """
     ce = kl = agree = 0.0
-    n = 0
+    n = n_ce = zero = 0
     bar = tqdm(range(0, len(indices), batch_size), desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True)
     for s in bar:
         idx = list(indices[s : s + batch_size])
@@ -49,21 +54,20 @@ def score(model, store, indices, batch_size: int, chunk: int = 512, desc: str = 
             keep = t != IGNORE_INDEX
             if not keep.any():
                 continue
-            t_logp = torch.log_softmax(teacher.logits(a, b), -1)[keep]
             t = t[keep]
-            if student_NV is None:
-                s_logp = t_logp
-            else:
-                V = min(student_NV.shape[1], t_logp.shape[1])  # a padded vocab is sliced to the shared part
-                s_logp = torch.log_softmax(student_NV[a:b][keep][:, :V], -1)
-                t_logp = torch.log_softmax(t_logp[:, :V], -1)
+            t_logp = torch.log_softmax(teacher.logits(a, b)[keep][:, :vocab_size], -1)
+            s_logp = t_logp if student_NV is None else torch.log_softmax(student_NV[a:b][keep][:, :vocab_size], -1)
             p = t_logp.exp()
             kl += torch.where(p > 0, p * (t_logp - s_logp), 0.0).sum().item()
-            ce -= s_logp.gather(1, t[:, None]).sum().item()
+            tgt = s_logp.gather(1, t[:, None]).squeeze(1)
+            finite = torch.isfinite(tgt)
+            zero += int((~finite).sum())
+            ce -= tgt[finite].sum().item()
+            n_ce += int(finite.sum())
             agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
             n += len(t)
-    return {"perplexity": math.exp(ce / n), "ce": ce / n, "kl_to_teacher": kl / n, "top1_agreement": agree / n,
-            "tokens": n}
+    return {"perplexity": math.exp(ce / n_ce), "ce": ce / n_ce, "kl_to_teacher": kl / n,
+            "top1_agreement": agree / n, "tokens": n, "zero_prob_targets": zero}
 
 
 def run_evaluate(cfg: Config) -> Path:
@@ -75,7 +79,9 @@ def run_evaluate(cfg: Config) -> Path:
     bs = cfg.evaluate.batch_size
     log.info("evaluating on %d validation sequences of %s", len(indices), cfg.paths.logits)
 
-    results: dict[str, dict] = {"teacher": {"model": cfg.teacher.model, **score(None, store, indices, bs, desc="teacher")}}
+    vocab = store.vocab_size
+    results: dict[str, dict] = {"teacher": {"model": cfg.teacher.model,
+                                            **score(None, store, indices, bs, vocab, desc="teacher")}}
     inits: dict[str, dict] = {}
     for name, scfg in cfg.students.items():
         folder = Path(cfg.paths.train) / name
@@ -83,13 +89,16 @@ def run_evaluate(cfg: Config) -> Path:
             raise EvaluateError(f"student {name} has no trained model in {folder / 'model'}; run "
                                 f"`distill-pipe train --student {name}` (or `dvc repro`)")
         model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32).eval()
+        v = _compared_vocab(model.config.vocab_size, store)
         results[name] = {"alpha": scfg.train.alpha, "temperature": scfg.train.temperature,
-                         **score(model, store, indices, bs, desc=name)}
+                         **score(model, store, indices, bs, v, desc=name)}
         del model
-        key = json.dumps(scfg.init, sort_keys=True)
+        # what build_student depends on: the init, the seed (config inits), the calibration slice (num_layers)
+        key = json.dumps([scfg.init, scfg.train.seed, scfg.train.calibration_tokens], sort_keys=True)
         if key not in inits:  # students that share an init are scored against it once
             init_model = _init_model(cfg, scfg)
-            inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, desc=f"{name} init")}
+            v = _compared_vocab(init_model.config.vocab_size, store)
+            inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, v, desc=f"{name} init")}
             del init_model
         results[name]["init"] = inits[key]
 
@@ -99,6 +108,11 @@ def run_evaluate(cfg: Config) -> Path:
     write_chart(out / "chart.png", results, cfg)
     log.info("wrote %s, %s and %s", out / "metrics.json", out / "report.md", out / "chart.png")
     return out
+
+
+def _compared_vocab(model_vocab: int, store) -> int:
+    """As in training: all logits when student and store agree, else the tokenizer's vocabulary."""
+    return store.vocab_size if model_vocab == store.vocab_size else int(store.info["tokenizer"]["vocab_size"])
 
 
 def _init_model(cfg: Config, scfg):
@@ -117,7 +131,7 @@ def _flat_metrics(results: dict) -> dict:
     """metrics.json for `dvc metrics show`: one flat mapping of numbers per model."""
     out = {}
     for name, r in results.items():
-        out[name] = {k: r[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens")}
+        out[name] = {k: r[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens", "zero_prob_targets")}
         if "init" in r:
             out[name]["init_perplexity"] = r["init"]["perplexity"]
     return out

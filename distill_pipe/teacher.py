@@ -36,7 +36,9 @@ class TeacherError(ValueError):
     """A teacher/tokens/store mismatch; the message names the problem and the fix."""
 
 
-def run_teacher_logits(cfg: Config, overwrite: bool = False) -> str:
+def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bool = False) -> str:
+    """overwrite: replace any existing store. replace_changed: replace it only if it was made from other
+    inputs (what `dvc repro` wants after a param change), resume it otherwise."""
     dist = distributed.init_distributed()
     tokens = open_tokens(cfg.paths.tokens)
     t_attrs = dict(tokens.attrs)
@@ -57,13 +59,13 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False) -> str:
         "data": {"fingerprint": t_attrs["fingerprint"], "tokens": str(cfg.paths.tokens),
                  "corpus": t_attrs.get("corpus")},
     }
-    out = cfg.paths.logits
+    out = cfg.paths.logits.rstrip("/")
     # Rank 0 alone creates or checks the store; the others open it after the barrier.
     error = None
     if dist.is_main:
         try:
-            _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite)
-        except (ValueError, OSError) as e:
+            _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they wait forever
             if not dist.distributed:
                 raise
             error = str(e)
@@ -150,7 +152,7 @@ class _capture_hidden:
         self.handle.remove()
 
 
-def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite) -> None:
+def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed) -> None:
     expected = {**attrs, "codec": {"name": codec.name, "params": codec.params},
                 "shard_size": cfg.teacher_logits.shard_size, "seq_len": int(tokens.attrs["seq_len"])}
     existing = None
@@ -163,12 +165,17 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
                                    "to replace it") from None
     if existing is not None:
         info = existing.info
-        differ = [k for k in IDENTITY_KEYS if _identity(info.get(k)) != _identity(expected[k])]
-        if differ:
+        differ = [k for k in IDENTITY_KEYS
+                  if _identity(_key_view(k, info.get(k))) != _identity(_key_view(k, expected[k]))]
+        if differ and replace_changed:
+            log.info("%s was made from another %s: replacing it (--replace-changed)", out, ", ".join(differ))
+            existing = None
+        elif differ:
             raise TeacherError(f"{out} was made from another {', '.join(differ)}; pass --overwrite to replace "
                                "it, or set paths.logits to a new location")
-        log.info("resuming %s", out)
-        return
+        else:
+            log.info("resuming %s", out)
+            return
     c = model.config
     if h_probe is not None:
         codec.calibrate(h_probe, head)  # a no-op for codecs without a fitted transform
@@ -184,10 +191,15 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
                  codec=codec, shard_size=cfg.teacher_logits.shard_size, vocab_size=int(c.vocab_size),
                  hidden_size=int(c.hidden_size), head=head, overwrite=True)
     if local:
-        if Path(out).exists():  # only with --overwrite
+        if Path(out).exists():  # only with --overwrite or --replace-changed
             shutil.rmtree(out)
         os.replace(target, out)
     log.info("created %s", out)
+
+
+def _key_view(key: str, value):
+    """What must match for a resume: for the data, its fingerprint, not where tokens.zarr lies."""
+    return {"fingerprint": value.get("fingerprint")} if key == "data" and isinstance(value, dict) else value
 
 
 def _identity(value):
@@ -214,6 +226,24 @@ def _prepare_model(model, dtype: torch.dtype, dist):
     return model.to(device=dist.device, dtype=dtype)
 
 
+def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, seq_len) -> None:
+    real = step < len(batches)
+    split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
+    ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+    # logits_to_keep=1: the factored codec needs only the hidden state, not the (B, L, V) logits.
+    out = model(ids, logits_to_keep=1 if codec.input_kind == "hidden" else 0)
+    if not real:
+        return  # a throwaway forward that keeps this rank in FSDP lockstep
+    x = cap["h"] if codec.input_kind == "hidden" else out.logits
+    payload = {name: t.cpu() for name, t in codec.encode(x).items()}
+    del out, x
+    parts.setdefault((split, k), []).append(payload)
+    if stop == store.shard_range(split, k)[1]:
+        chunks = parts.pop((split, k))
+        writers[split].submit(k, {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]})
+    bar.update((stop - start) * seq_len)
+
+
 def _compute(model, store, codec, jobs, batch_size: int, dist, seq_len: int) -> None:
     batches = [(split, k, start, min(start + batch_size, stop))
                for split, k in jobs
@@ -225,29 +255,26 @@ def _compute(model, store, codec, jobs, batch_size: int, dist, seq_len: int) -> 
     bar = tqdm(total=sum(b[3] - b[2] for b in batches) * seq_len, unit="tok", unit_scale=True,
                desc="teacher logits", disable=not dist.is_main, dynamic_ncols=True)
     t0 = time.perf_counter()
-    try:
-        with torch.inference_mode(), _capture_hidden(model) as cap:
-            for step in range(steps):
-                real = step < len(batches)
-                split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
-                ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
-                # logits_to_keep=1: the factored codec needs only the hidden state, not the (B, L, V) logits.
-                out = model(ids, logits_to_keep=1 if codec.input_kind == "hidden" else 0)
-                if not real:
-                    continue  # a throwaway forward that keeps this rank in FSDP lockstep
-                x = cap["h"] if codec.input_kind == "hidden" else out.logits
-                payload = {name: t.cpu() for name, t in codec.encode(x).items()}
-                del out, x
-                parts.setdefault((split, k), []).append(payload)
-                lo, hi = store.shard_range(split, k)
-                if stop == hi:
-                    chunks = parts.pop((split, k))
-                    writers[split].submit(k, {n: torch.cat([c[n] for c in chunks]) for n in chunks[0]})
-                bar.update((stop - start) * seq_len)
-    finally:
-        bar.close()
-        for w in writers.values():
+    error: BaseException | None = None
+    with torch.inference_mode(), _capture_hidden(model) as cap:
+        for step in range(steps):
+            if error is None:
+                try:
+                    _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, seq_len)
+                except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+                    error = e
+            # One flag per step: a rank that failed stops every rank, instead of leaving them blocked in
+            # FSDP all-gathers until the process-group timeout.
+            if dist.distributed and distributed.all_reduce(int(error is not None), op="max"):
+                break
+    bar.close()
+    for w in writers.values():  # finished shards are flushed even when something failed
+        try:
             w.close()
+        except Exception as e:  # noqa: BLE001
+            error = error or e
+    if error is not None:
+        raise error
     n_tok = sum(b[3] - b[2] for b in batches) * seq_len
     if n_tok:
         log.info("computed %d tokens in %.1f s (%.0f tokens/s on this rank)", n_tok, time.perf_counter() - t0,

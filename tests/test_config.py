@@ -60,6 +60,14 @@ def test_missing_params_file_named(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(tmp_path):
+    cfg = load_config(REPO / "params.yaml", ["train.learning_rate=3e-4", "teacher_logits.codec_params={tail_mass: 1e-3}"])
+    assert cfg.train.learning_rate == 3e-4
+    assert cfg.teacher_logits.codec_params == {"tail_mass": 1e-3}
+    (tmp_path / "p.yaml").write_text("train:\n  learning_rate: 5e-5\n")
+    assert load_config(tmp_path / "p.yaml").train.learning_rate == 5e-5
+
+
 def test_float_fields_accept_ints():
     assert config_from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
     assert isinstance(TrainConfig().temperature, float)
