@@ -154,9 +154,10 @@ def report_markdown(results: dict, tokens: int) -> str:
         base = ce[0]["perplexity"]
         lines += ["", f"Against the CE-only baseline (perplexity {base:.2f}, teacher {teacher_ppl:.2f}):", ""]
         for n, r in kd:
-            gain = 1 - r["perplexity"] / base
+            change = r["perplexity"] / base - 1
             closed = (base - r["perplexity"]) / (base - teacher_ppl) if base != teacher_ppl else float("nan")
-            lines.append(f"- {n}: {gain:+.1%} perplexity vs CE-only, {closed:.0%} of CE-only's gap to the teacher closed")
+            lines.append(f"- {n}: perplexity {change:+.1%} vs CE-only ({'better' if change < 0 else 'worse'}); "
+                         f"{closed:.0%} of CE-only's gap to the teacher closed")
     return "\n".join(lines) + "\n"
 
 

@@ -107,13 +107,8 @@ def _spawn(*args, env_extra=None):
 
 
 def _done_count(path):
-    total = 0
-    for split in ("train", "validation"):
-        try:
-            total += int(zarr.open_group(str(path), mode="r")[split]["done"][...].sum())
-        except Exception:
-            pass
-    return total
+    """Completed shards, counted from the done flags' chunk files (cheap enough to poll every few ms)."""
+    return sum(len(list((Path(path) / split / "done" / "c").glob("*"))) for split in ("train", "validation"))
 
 
 @pytest.mark.parametrize("kill_after_shards", [0, 2, 9])
