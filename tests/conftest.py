@@ -22,6 +22,24 @@ TINY_TEXT = [
 ]
 
 
+def run_cli(*args: str) -> tuple[int, str]:
+    """Run a distill-pipe command in-process; (exit code, stdout+stderr)."""
+    from typer.testing import CliRunner
+
+    from distill_pipe.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code: int, out: str, fragment: str) -> None:
+    """A user error: non-zero exit, no traceback, exactly one `error:` line, naming `fragment`."""
+    assert code != 0, out
+    assert "Traceback" not in out, out
+    lines = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], out
+
+
 def make_tokenizer(folder: Path, vocab_size: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

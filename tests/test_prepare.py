@@ -9,26 +9,13 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from typer.testing import CliRunner
 
-from distill_pipe.cli import app
 from distill_pipe.config import load_config
 from distill_pipe.data import load_documents, split_documents
 from distill_pipe.models import load_tokenizer
 
-runner = CliRunner()
-
-
-def run(*args):
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
-
-
-def assert_one_line_error(code, out, fragment):
-    assert code != 0, out
-    assert "Traceback" not in out, out
-    lines = [l for l in out.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], out
+from conftest import assert_one_line_error
+from conftest import run_cli as run
 
 
 def test_prepare_txt_folder_round_trips_text(project):

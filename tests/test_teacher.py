@@ -12,26 +12,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from typer.testing import CliRunner
 
-from distill_pipe.cli import app
 from distill_pipe.config import load_config
 from distill_pipe.models import load_causal_lm
 from distill_pipe.store import open_store
 
-runner = CliRunner()
-
-
-def run(*args):
-    r = runner.invoke(app, list(args))
-    return r.exit_code, r.output
-
-
-def one_line_error(code, out, fragment):
-    assert code != 0, out
-    assert "Traceback" not in out, out
-    errors = [l for l in out.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and fragment in errors[0], out
+from conftest import assert_one_line_error as one_line_error
+from conftest import run_cli as run
 
 
 def reference_logprobs(teacher_dir, ids):
