@@ -96,7 +96,7 @@ def run_evaluate(cfg: Config) -> Path:
         # what build_student depends on: the init, the seed (config inits), the calibration slice (num_layers)
         key = json.dumps([scfg.init, scfg.train.seed, scfg.train.calibration_tokens], sort_keys=True)
         if key not in inits:  # students that share an init are scored against it once
-            init_model = _init_model(cfg, scfg)
+            init_model = _init_model(cfg, scfg, store)
             v = _compared_vocab(init_model.config.vocab_size, store)
             inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, v, desc=f"{name} init")}
             del init_model
@@ -115,13 +115,13 @@ def _compared_vocab(model_vocab: int, store) -> int:
     return store.vocab_size if model_vocab == store.vocab_size else int(store.info["tokenizer"]["vocab_size"])
 
 
-def _init_model(cfg: Config, scfg):
+def _init_model(cfg: Config, scfg, store):
     """The student as initialised, rebuilt exactly as the train stage built it (a layer selection comes
     from the cache that stage filled)."""
     from distill_pipe.students import build_student
     from distill_pipe.train import calibration_ids
 
-    calib = calibration_ids(open_store(cfg.paths.logits).input_ids("train"), scfg.train.calibration_tokens)
+    calib = calibration_ids(store.input_ids("train"), scfg.train.calibration_tokens)
     with tempfile.TemporaryDirectory() as scratch:  # never write into the train stage's outputs
         model, _, _ = build_student(cfg, scfg, Path(scratch), calib)
     return model.eval()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from distill_pipe import distributed, models
 from distill_pipe.config import Config
 from distill_pipe.data import DataError, open_tokens
+from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
     # A local store is created beside its final path and renamed into place, so a kill during creation
     # leaves nothing that a plain rerun would have to --overwrite. (On object storage there is no rename:
     # an interrupted creation there needs --overwrite.)
-    local = "://" not in out
+    local = not is_url(out)
     target = f"{out}.creating" if local else out
     if local:
         shutil.rmtree(target, ignore_errors=True)
@@ -210,7 +211,7 @@ def _identity(value):
 
 
 def _exists(out: str) -> bool:
-    if "://" in out:
+    if is_url(out):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(out)

@@ -81,21 +81,27 @@ def tiny_teacher(tmp_path_factory) -> Path:
     return folder
 
 
+def write_project(root: Path, teacher: Path, *, doc_chars: int, seq_len: int, teacher_logits: dict | None = None) -> Path:
+    """params.yaml in `root` pointing at `teacher` and a 12-document .txt corpus (pydoc topics, cut to doc_chars)."""
+    import yaml
+    from pydoc_data.topics import topics
+
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(list(topics.values())[10:22]):
+        (corpus / f"doc{i:02d}.txt").write_text(text[:doc_chars])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source=str(corpus), seq_len=seq_len, max_train_tokens=None, max_validation_tokens=None,
+                          validation_fraction=0.25)
+    params["teacher"]["model"] = str(teacher)
+    params["teacher_logits"].update(teacher_logits or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, tiny_teacher, monkeypatch) -> Path:
     """A working directory with a params.yaml pointing at the tiny teacher and a small .txt corpus."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    from pydoc_data.topics import topics
-
-    for i, text in enumerate(list(topics.values())[10:22]):
-        (corpus / f"doc{i:02d}.txt").write_text(text[:3000])
-    import yaml
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source=str(corpus), seq_len=32, max_train_tokens=None, max_validation_tokens=None,
-                          validation_fraction=0.25)
-    params["teacher"]["model"] = str(tiny_teacher)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_project(tmp_path, tiny_teacher, doc_chars=3000, seq_len=32)
     monkeypatch.chdir(tmp_path)
     return tmp_path

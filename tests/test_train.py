@@ -22,6 +22,8 @@ import yaml
 from distill_pipe.config import ConfigError, config_from_dict, load_config
 from distill_pipe.trainer import CheckpointError
 
+from conftest import write_project
+
 REPO = Path(__file__).resolve().parents[1]
 STUDENT_INIT = {"config": {"num_hidden_layers": 1}}
 
@@ -37,22 +39,11 @@ def set_params(root: Path, students: dict, **train) -> None:
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory, tiny_teacher) -> Path:
     """prepare + teacher-logits on the tiny teacher, once per module; tests work on copies."""
-    from pydoc_data.topics import topics
-
     from distill_pipe.data import run_prepare
     from distill_pipe.teacher import run_teacher_logits
 
-    root = tmp_path_factory.mktemp("train_project")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(list(topics.values())[10:22]):
-        (corpus / f"doc{i:02d}.txt").write_text(text[:1500])
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(source=str(corpus), seq_len=16, max_train_tokens=None, max_validation_tokens=None,
-                          validation_fraction=0.25)
-    params["teacher"]["model"] = str(tiny_teacher)
-    params["teacher_logits"].update(codec="dense-bf16", shard_size=8)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    root = write_project(tmp_path_factory.mktemp("train_project"), tiny_teacher, doc_chars=1500, seq_len=16,
+                         teacher_logits={"codec": "dense-bf16", "shard_size": 8})
     cwd = os.getcwd()
     os.chdir(root)
     try:
