@@ -2,7 +2,7 @@
 
 For every model: perplexity (exp of the mean next-token CE), mean KL(teacher || model) at T=1 and top-1
 agreement with the teacher, over the same target positions. The teacher's figures come from the store,
-never from reloading it. Writes `<paths.evaluate>/metrics.json`, `report.md` and `chart.png`.
+never from reloading it. Writes `<paths.evaluate>/metrics.json`, `report.md`, `curves.csv` and `chart.png`.
 """
 
 from __future__ import annotations
@@ -105,8 +105,10 @@ def run_evaluate(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(_flat_metrics(results), indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(results, len(indices) * store.seq_len))
+    write_curves(out / "curves.csv", cfg)
     write_chart(out / "chart.png", results, cfg)
-    log.info("wrote %s, %s and %s", out / "metrics.json", out / "report.md", out / "chart.png")
+    log.info("wrote %s, %s, %s and %s", out / "metrics.json", out / "report.md", out / "curves.csv",
+             out / "chart.png")
     return out
 
 
@@ -161,14 +163,29 @@ def report_markdown(results: dict, tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_eval_history(folder: Path) -> tuple[list[int], list[float]]:
+def _eval_history(folder: Path) -> list[dict]:
     path = folder / "history" / "eval.csv"
     if not path.is_file():
-        return [], []
+        return []
     with open(path) as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def _read_eval_history(folder: Path) -> tuple[list[int], list[float]]:
+    rows = _eval_history(folder)
     # CE, not the optimised loss: alpha and T differ between students, CE is comparable across them.
     return [int(r["step"]) for r in rows], [float(r["eval_ce"]) for r in rows]
+
+
+def write_curves(path: Path, cfg: Config) -> None:
+    """Every student's validation curve in one long table (student, step, eval_ce, eval_ppl): the file
+    dvc.yaml plots with the `by_student` template, so the overlay names no student."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student", "step", "eval_ce", "eval_ppl"])
+        for name in cfg.students:
+            for r in _eval_history(Path(cfg.paths.train) / name):
+                w.writerow([name, r["step"], r["eval_ce"], r["eval_ppl"]])
 
 
 def write_chart(path: Path, results: dict, cfg: Config) -> None:

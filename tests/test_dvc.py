@@ -86,6 +86,14 @@ def test_metrics_plots_and_experiments(repo):
     assert "perplexity" in shown and "kd20" in shown
     sh("dvc", "plots", "show", "-o", "plots_html", cwd=repo)
     assert (repo / "plots_html" / "index.html").is_file()
+    # the overlay holds every student's curve, though dvc.yaml names none of them
+    plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo))["data"]["stages/evaluate/curves.csv"]
+    [plot] = plots
+    rows = plot["content"]["data"]["values"]
+    students = set(json.loads((repo / "stages/evaluate/metrics.json").read_text())) - {"teacher"}
+    assert {r["student"] for r in rows} == students and len(students) >= 2
+    assert plot["content"]["encoding"]["color"]["field"] == "student"
+    assert "kd20" not in (repo / "dvc.yaml").read_text()
     sh("git", "add", "-A", cwd=repo)
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "ran", cwd=repo)
     out = sh("dvc", "exp", "run", "-S", "students.kd20.alpha=0.8", cwd=repo)
