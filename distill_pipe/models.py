@@ -16,7 +16,9 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +104,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_config(spec: str | ModelSource):
-    """The model's transformers config, without loading weights."""
+    """The model's transformers config, without loading weights (a GGUF's from the cache when there)."""
     from transformers import AutoConfig
 
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if src.gguf_file and (_gguf_cache(src, "model") / "config.json").is_file():
+        return AutoConfig.from_pretrained(_gguf_cache(src, "model"))
     return AutoConfig.from_pretrained(src.path, **src.hf_kwargs())
 
 
@@ -113,7 +117,12 @@ def load_tokenizer(spec: str | ModelSource):
     from transformers import AutoTokenizer
 
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
-    tok = AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+    if src.gguf_file:
+        tok = _through_gguf_cache(src, "tokenizer", lambda folder: AutoTokenizer.from_pretrained(folder),
+                                  lambda: AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs()),
+                                  lambda tok, folder: tok.save_pretrained(folder))
+    else:
+        tok = AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
     log.info("loaded tokenizer %s (%d tokens)", src.spec, len(tok))
     return tok
 
@@ -122,23 +131,88 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_causal_lm(spec: str | ModelSource, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
-    """Load a causal LM in eval mode. GGUF weights are dequantised (the builtin takes ~25 s on 2 cores)."""
+    """Load a causal LM in eval mode. GGUF weights are dequantised once and kept in the cache."""
     from transformers import AutoModelForCausalLM
 
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.hf_kwargs())
     if src.gguf_file:
-        # GGUF weights are dequantised on load; forget the quantizer so the model (and students cut from
-        # it) can be saved with save_pretrained like any other.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model = _through_gguf_cache(src, "model",
+                                    lambda folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                    lambda: _dequantise(src), save_pretrained_quietly).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, **src.hf_kwargs())
     model.to(device).eval()
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded model %s: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__, n / 1e6, dtype, device)
     return model
+
+
+def _dequantise(src: ModelSource):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, **src.hf_kwargs())
+    # GGUF weights are dequantised on load; forget the quantizer so the model (and students cut from it)
+    # can be saved with save_pretrained like any other.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _gguf_cache(src: ModelSource, kind: str) -> Path:
+    return cache_dir() / "gguf" / model_fingerprint(src).split(":", 1)[1] / kind
+
+
+def _through_gguf_cache(src: ModelSource, kind: str, load: Callable, convert: Callable, save: Callable):
+    """A GGUF's model (fp32) or tokenizer through a cache keyed by the GGUF file's sha256.
+
+    Every stage loads the teacher and its tokenizer; parsing and dequantising the builtin's GGUF takes ~30 s
+    on 2 cores each time, reading the cached Hugging Face folder ~1 s. The values are the same either way:
+    the cache is what `save_pretrained` wrote from the converted object (the tokenizer's fingerprint is
+    unchanged, tested). An unreadable entry is rebuilt; an unwritable cache only costs time.
+    """
+    folder = _gguf_cache(src, kind)
+    if folder.is_dir():
+        try:
+            obj = load(folder)
+            log.info("%s of %s: cache hit %s", kind, src.spec, folder)
+            return obj
+        except (OSError, ValueError, RuntimeError) as e:
+            log.warning("cached %s %s is unreadable (%s); rebuilding it", kind, folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+    obj = convert()
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        save(obj, tmp)
+        os.replace(tmp, folder)  # whole or absent; a concurrent rank that got there first wins
+        log.info("cached the converted GGUF %s of %s in %s", kind, src.spec, folder)
+    except OSError as e:
+        log.warning("could not cache the GGUF %s of %s in %s (%s); it will be converted again", kind, src.spec,
+                    folder, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return obj
+
+
+def save_pretrained_quietly(model, folder: Path) -> None:
+    """`save_pretrained` without transformers' one-shard "Writing model shards" bar, which would break the
+    progress bar of the stage that is saving."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def cache_dir() -> Path:
+    """$DISTILL_PIPE_CACHE, else ~/.cache/distill-pipe."""
+    return Path(os.environ.get("DISTILL_PIPE_CACHE") or Path.home() / ".cache" / "distill-pipe").expanduser()
 
 
 def max_positions(config) -> int | None:

@@ -167,7 +167,7 @@ def cached_select_layers(model: nn.Module, calibration_ids: np.ndarray, num_laye
     ids = np.ascontiguousarray(np.asarray(calibration_ids, dtype=np.int64))
     ids_sha = hashlib.sha256(repr(ids.shape).encode() + ids.tobytes()).hexdigest()
     key = hashlib.sha256(json.dumps([SELECTION_VERSION, teacher_fingerprint, ids_sha, num_layers]).encode())
-    path = cache_dir() / "layer-selection" / f"{key.hexdigest()[:32]}.json"
+    path = models.cache_dir() / "layer-selection" / f"{key.hexdigest()[:32]}.json"
     if path.is_file():
         try:
             selection = json.loads(path.read_text())
@@ -181,11 +181,6 @@ def cached_select_layers(model: nn.Module, calibration_ids: np.ndarray, num_laye
     selection["teacher_fingerprint"] = teacher_fingerprint
     _write_json(path, selection)
     return selection, False
-
-
-def cache_dir() -> Path:
-    """$DISTILL_PIPE_CACHE, else ~/.cache/distill-pipe."""
-    return Path(os.environ.get("DISTILL_PIPE_CACHE") or Path.home() / ".cache" / "distill-pipe").expanduser()
 
 
 class _Inject(nn.Module):

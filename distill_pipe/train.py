@@ -218,15 +218,7 @@ def export_model(model, tok, dest: Path, info, note: dict | None = None) -> None
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     was_training = plain.training
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its one-shard "Writing model shards" bar would break the train bar
-    try:
-        plain.save_pretrained(tmp)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    models.save_pretrained_quietly(plain, tmp)
     plain.train(was_training)
     tok.save_pretrained(tmp)
     if note is not None:

@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from distill_pipe.cli import app
-from distill_pipe.models import load_causal_lm
+from distill_pipe.models import load_causal_lm, load_tokenizer, resolve, tokenizer_fingerprint
 from distill_pipe.store import open_store
 
 from conftest import REPO
@@ -22,6 +22,7 @@ def test_builtin_teacher_store_matches_an_fp32_forward(tmp_path, monkeypatch):
     params["teacher_logits"].update(shard_size=2, batch_size=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DISTILL_PIPE_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
     for cmd in ("prepare", "teacher-logits"):
         r = runner.invoke(app, [cmd])
@@ -30,14 +31,26 @@ def test_builtin_teacher_store_matches_an_fp32_forward(tmp_path, monkeypatch):
     assert store.info["teacher"]["spec"] == "builtin:smollm2-135m" and store.vocab_size == 49152
     ids = np.concatenate([store.input_ids(s)[...] for s in ("train", "validation")])
     assert ids.shape == (4, 64)
+    # the stage dequantised the GGUF once into the cache (a save_pretrained folder); this load reads it, and
+    # its weights are exactly a fresh dequantisation's
+    (entry,) = (tmp_path / "cache" / "gguf").iterdir()
+    cached = entry / "model"
+    assert (cached / "config.json").is_file() and "quantization_config" not in (cached / "config.json").read_text()
     model = load_causal_lm("builtin:smollm2-135m", dtype=torch.float32)
-    # dequantised GGUF weights save and reload like any HF model (students cut from it are exported so)
     from transformers import AutoModelForCausalLM
 
-    model.save_pretrained(tmp_path / "saved")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
-    del reloaded
+    src = resolve("builtin:smollm2-135m")
+    fresh = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32, gguf_file=src.gguf_file)
+    assert set(model.state_dict()) == set(fresh.state_dict())
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    del fresh
+    # the tokenizer too: the cached one is the same tokenizer (same fingerprint) as a fresh GGUF parse
+    from transformers import AutoTokenizer
+
+    assert (entry / "tokenizer").is_dir()
+    fresh_tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    assert (tokenizer_fingerprint(load_tokenizer("builtin:smollm2-135m")) == tokenizer_fingerprint(fresh_tok)
+            == store.info["tokenizer"]["fingerprint"])
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.as_tensor(ids, dtype=torch.long)).logits.float(), -1)
     got = torch.stack([store.logprobs("train", i) for i in range(3)] + [store.logprobs("validation", 0)])

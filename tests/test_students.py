@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_tiny_llama, make_tokenizer
-from distill_pipe import students
+from distill_pipe import models, students
 from distill_pipe.config import config_from_dict
 
 TEACHER_LAYERS = 6
@@ -224,7 +224,7 @@ def test_selection_cache_hit_skips_recomputation(teacher6, calib, tmp_path, monk
 def test_damaged_cache_entry_is_recomputed(teacher6, calib, tmp_path):
     teacher = load(teacher6)
     sel, hit = students.cached_select_layers(teacher, calib, 4, "fp")
-    (entry,) = (students.cache_dir() / "layer-selection").iterdir()
+    (entry,) = (models.cache_dir() / "layer-selection").iterdir()
     entry.write_text("{not json")
     again, hit2 = students.cached_select_layers(teacher, calib, 4, "fp")
     assert (hit, hit2) == (False, False) and again == sel
