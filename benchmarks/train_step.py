@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # builtin teacher, 20-layer student, batch 2 x 256
     python benchmarks/train_step.py --batch-size 1 --seq-len 128 --steps 2    # quicker
+    python benchmarks/train_step.py --batch-size 4 --seq-len 256 --chunk-sizes 1024 --skip-rss  # the demo's step
 
 Every variant runs the real `DistillTrainer.train_step` (store read, decode, chunked fp32 loss, backward,
 AdamW) on the same student weights and the same batch, in one process:
@@ -80,17 +81,20 @@ class OnlineKD(DistillTrainer):
         self.teacher, self.store, self.vocab_size = teacher, None, None
 
     def compute_loss(self, model, batch):
-        from distill_pipe.losses import hybrid_loss
+        from distill_pipe.losses import default_chunk_size, hybrid_loss
 
         _, t_BLV = teacher_outputs(self.teacher, batch.input_ids_BL)
         t_NV = t_BLV.flatten(0, 1)
         logits_NV = model(input_ids=batch.input_ids_BL, use_cache=False).logits.flatten(0, 1)
+        chunk = self.cfg.loss_chunk_size or default_chunk_size(logits_NV.shape[1], logits_NV.device)
         return hybrid_loss(logits_NV, batch.targets_BL.flatten(), lambda s, e: t_NV[s:e], alpha=self.cfg.alpha,
-                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
+                           temperature=self.cfg.temperature, chunk_size=chunk)
 
 
-def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, teacher=None) -> DistillTrainer:
-    cfg = TrainConfig(batch_size=ids.shape[0], alpha=alpha, temperature=2.0, max_steps=1000, warmup_steps=0)
+def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, teacher=None,
+                 chunk: int | None = None) -> DistillTrainer:
+    cfg = TrainConfig(batch_size=ids.shape[0], alpha=alpha, temperature=2.0, max_steps=1000, warmup_steps=0,
+                      loss_chunk_size=chunk)
     data = {"train": store.input_ids("train") if store else ids, "validation": ids[:1]}
     if teacher is not None:
         return OnlineKD(student, cfg, data, teacher=teacher, out_dir=out)
@@ -132,8 +136,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median and best reported)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                    help="also time KD from the factored store with these explicit train.loss_chunk_size values "
+                         "(the other variants use the default, auto)")
     ap.add_argument("--rss-shards", type=int, default=32, help="shards (of batch-size sequences) in the small store")
     ap.add_argument("--rss-steps", type=int, default=3)
+    ap.add_argument("--skip-rss", action="store_true", help="time the steps only")
     ap.add_argument("--rss-child", nargs=3, metavar=("STORE", "STUDENT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -170,13 +178,18 @@ def main() -> None:
 
     # Variants take turns step by step (round robin), so a change in machine load hits them alike.
     indices = list(range(B))
-    variants = [("CE only (alpha=1)", None, None), *[(f"KD, store {c}", c, None) for c in CODECS],
-                ("KD online (teacher fwd in step)", None, teacher)]
+    from distill_pipe.losses import default_chunk_size
+
+    auto = default_chunk_size(V, "cpu")
+    variants = [("CE only (alpha=1)", None, None, None), *[(f"KD, store {c}", c, None, None) for c in CODECS],
+                ("KD online (teacher fwd in step)", None, teacher, None),
+                *[(f"KD, store factored, loss chunk {n}", "factored", None, n) for n in args.chunk_sizes]]
+    print(f"loss chunk: auto = {auto} positions unless named", flush=True)
     trainers = {}
-    for label, codec, online in variants:
+    for label, codec, online, chunk in variants:
         alpha = 1.0 if codec is None and online is None else 0.5
         trainers[label] = make_trainer(copy.deepcopy(student), ids, work / "out", alpha, store=stores.get(codec),
-                                       teacher=online)
+                                       teacher=online, chunk=chunk)
     times: dict[str, list[float]] = {label: [] for label in trainers}
     fwd = []  # the teacher forward alone (what online KD adds to each step), in the same rounds
     for i in range(args.warmup + args.steps):
@@ -203,13 +216,16 @@ def main() -> None:
           "| payload bytes/token |")
     print("|---|---|---|---|---|")
     for label, t in results.items():
-        codec = label.split("store ")[-1] if "store" in label else None
+        codec = label.split("store ")[-1].split(",")[0] if "store" in label else None
         # payload only: the factored head (V x d, stored once) would dominate a store this small
         size = f"{sum(du(work / f'{codec}.zarr' / s) for s in ('train', 'validation')) / ((B + 1) * L):,.0f}" \
             if codec else ""
         print(f"| {label} | {t:.2f} ({medians[label]:.2f}) | {t / ce:.2f}x | {online_t / t:.2f}x | {size} |")
     print(f"| teacher forward alone | {teacher_fwd:.2f} ({statistics.median(fwd):.2f}) | | | |")
 
+    if args.skip_rss:
+        shutil.rmtree(work, ignore_errors=True)
+        return
     # peak RSS: the same KD steps from a store and from a 10x larger one, each in a fresh process
     student_file = work / "student.pt"
     torch.save(student, student_file)  # the whole module: save_pretrained refuses models loaded from GGUF

@@ -150,8 +150,9 @@ class TrainConfig:
     """Seed of the data order and the student initialisation."""
     dtype: str = "float32"
     """Student parameter dtype under FSDP mixed precision: float32 or bfloat16 compute."""
-    loss_chunk_size: int = 1024
-    """Positions per chunk of the fp32 loss computation."""
+    loss_chunk_size: int | None = None
+    """Positions per chunk of the fp32 loss computation; null = auto (losses.default_chunk_size: on CPU a
+    (chunk, vocab) fp32 block within 24 MiB, 128 positions for a 49k vocabulary; 1024 on GPU)."""
     calibration_tokens: int = 1024
     """Training tokens used to rank layers when a student is a layer-dropped teacher."""
     max_eval_sequences: int | None = None
@@ -159,8 +160,10 @@ class TrainConfig:
 
     def validate(self, p: str) -> None:
         for key in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "keep_last",
-                    "loss_chunk_size", "calibration_tokens"):
+                    "calibration_tokens"):
             _check(getattr(self, key) >= 1, f"{p}.{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.loss_chunk_size is None or self.loss_chunk_size >= 1,
+               f"{p}.loss_chunk_size must be null (auto) or >= 1, got {self.loss_chunk_size}")
         _check(0.0 <= self.alpha <= 1.0, f"{p}.alpha must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, f"{p}.temperature must be > 0, got {self.temperature}")
         _check(self.learning_rate > 0, f"{p}.learning_rate must be > 0, got {self.learning_rate}")

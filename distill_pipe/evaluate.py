@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from distill_pipe import models
 from distill_pipe.config import Config
-from distill_pipe.losses import IGNORE_INDEX, shift_for_next_token
+from distill_pipe.losses import IGNORE_INDEX, default_chunk_size, shift_for_next_token
 from distill_pipe.store import open_store
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class EvaluateError(ValueError):
 
 
 @torch.no_grad()
-def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int = 512, desc: str = "") -> dict:
+def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | None = None, desc: str = "") -> dict:
     """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself.
 
     vocab_size: the logits compared (the tokenizer's size when a model pads its vocabulary, as in training).
@@ -41,6 +41,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int = 
     """
     ce = kl = agree = 0.0
     n = n_ce = zero = 0
+    chunk = chunk or default_chunk_size(vocab_size, "cpu")
     bar = tqdm(range(0, len(indices), batch_size), desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True)
     for s in bar:
         idx = list(indices[s : s + batch_size])

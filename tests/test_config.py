@@ -35,6 +35,7 @@ def test_overrides_parse_yaml_scalars_and_lists(tmp_path):
     ("data.validation_fraction=0", "data.validation_fraction must be in (0, 1), got 0"),
     ("train.alpha=1.5", "train.alpha must be in [0, 1], got 1.5"),
     ("train.temperature=0", "train.temperature must be > 0, got 0"),
+    ("train.loss_chunk_size=0", "train.loss_chunk_size must be null (auto) or >= 1, got 0"),
     ("students.kd20.temperature=-1", "students.kd20.temperature must be > 0, got -1"),
     ("students.kd20.learning_rat=1", "unknown key students.kd20.learning_rat"),
     ("teacher.dtype=float8", "teacher.dtype must be float32 or bfloat16"),
