@@ -111,3 +111,53 @@ def test_changing_the_codec_replaces_the_persisted_store(repo):
     assert info["codec"]["name"] == "dense-u8"
     teacher = json.loads((repo / "stages/evaluate/metrics.json").read_text())["teacher"]
     assert teacher["perplexity"] < float("inf")  # targets in the dropped tail are counted apart, not infinite
+
+
+def _imports(path: Path) -> set[str]:
+    """distill_pipe modules a file imports (anywhere in it, lazily included), as dotted names."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distill_pipe"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("distill_pipe")}
+    return out
+
+
+def _module_file(name: str) -> Path | None:
+    base = REPO / name.replace(".", "/")
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _dep_paths(entry: str) -> set[str]:
+    """dvc.yaml dep spelling of what a stage's command runs: cli.py itself (whose stage imports are inside
+    each command), config (every command reads params) and everything `entry` imports transitively."""
+    seen, todo = {"distill_pipe.cli"}, [entry, "distill_pipe.config"]
+    while todo:
+        name = todo.pop()
+        if name in seen or _module_file(name) is None:
+            continue
+        seen.add(name)
+        todo += _imports(_module_file(name))
+    deps = set()
+    for name in seen - {"distill_pipe"}:
+        if name.startswith("distill_pipe.store"):
+            deps.add("distill_pipe/store")
+        else:
+            deps.add(str(_module_file(name).relative_to(REPO)))
+    return deps
+
+
+@pytest.mark.parametrize("stage, entry", [("prepare", "distill_pipe.data"), ("teacher_logits", "distill_pipe.teacher"),
+                                          ("train", "distill_pipe.train"), ("evaluate", "distill_pipe.evaluate")])
+def test_stage_deps_are_the_modules_it_imports(stage, entry):
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    deps = spec["do"]["deps"] if "do" in spec else spec["deps"]
+    listed = {d for d in deps if d.startswith("distill_pipe")}
+    assert listed == _dep_paths(entry)
