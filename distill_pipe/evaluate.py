@@ -105,7 +105,7 @@ def run_evaluate(cfg: Config) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(_flat_metrics(results), indent=2) + "\n")
-    (out / "report.md").write_text(report_markdown(results, len(indices) * store.seq_len))
+    (out / "report.md").write_text(report_markdown(results, len(indices), store.seq_len))
     write_curves(out / "curves.csv", cfg)
     write_chart(out / "chart.png", results, cfg)
     log.info("wrote %s, %s, %s and %s", out / "metrics.json", out / "report.md", out / "curves.csv",
@@ -140,16 +140,18 @@ def _flat_metrics(results: dict) -> dict:
     return out
 
 
-def report_markdown(results: dict, tokens: int) -> str:
+def report_markdown(results: dict, sequences: int, seq_len: int) -> str:
     teacher_ppl = results["teacher"]["perplexity"]
-    lines = [f"# Evaluation on the validation split ({tokens:,} tokens)", "",
+    lines = [f"# Evaluation on the validation split: {sequences} sequences x {seq_len} tokens, "
+             f"{results['teacher']['tokens']:,} next-token targets", "",
              "| model | alpha | T | perplexity | KL to teacher (nats/token) | top-1 agreement | init perplexity |",
              "|---|---|---|---|---|---|---|",
              f"| teacher | | | {teacher_ppl:.2f} | 0 | 1 | |"]
     for name, r in results.items():
         if name == "teacher":
             continue
-        lines.append(f"| {name} | {r['alpha']} | {r['temperature']} | {r['perplexity']:.2f} | {r['kl_to_teacher']:.4f} "
+        temperature = r["temperature"] if r["alpha"] < 1 else "–"  # T plays no part in plain CE
+        lines.append(f"| {name} | {r['alpha']} | {temperature} | {r['perplexity']:.2f} | {r['kl_to_teacher']:.4f} "
                      f"| {r['top1_agreement']:.3f} | {r['init']['perplexity']:.2f} |")
     ce = [r for n, r in results.items() if n != "teacher" and r["alpha"] == 1.0]
     kd = [(n, r) for n, r in results.items() if n != "teacher" and r["alpha"] < 1.0]
@@ -172,10 +174,12 @@ def _eval_history(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _read_eval_history(folder: Path) -> tuple[list[int], list[float]]:
+def _read_eval_history(folder: Path) -> tuple[list[int], list[float], int | None]:
+    """(steps, validation CE, index of the best eval loss, which picked the exported model)."""
     rows = _eval_history(folder)
     # CE, not the optimised loss: alpha and T differ between students, CE is comparable across them.
-    return [int(r["step"]) for r in rows], [float(r["eval_ce"]) for r in rows]
+    best = int(np.argmin([float(r["eval_loss"]) for r in rows])) if rows else None
+    return [int(r["step"]) for r in rows], [float(r["eval_ce"]) for r in rows], best
 
 
 def write_curves(path: Path, cfg: Config) -> None:
@@ -198,10 +202,13 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in cfg.students:
-        steps, losses = _read_eval_history(Path(cfg.paths.train) / name)
+        steps, losses, best = _read_eval_history(Path(cfg.paths.train) / name)
         if steps:
-            ax1.plot(steps, losses, marker="o", ms=3, label=name)
-    ax1.set(xlabel="optimizer step", ylabel="validation CE (nats/token)", title="students: validation CE")
+            (line,) = ax1.plot(steps, losses, marker="o", ms=3, label=name)
+            ax1.plot(steps[best], losses[best], marker="*", ms=12, color=line.get_color(), ls="none")
+    ax1.axhline(results["teacher"]["ce"], color="#555", ls="--", lw=1, label="teacher")
+    ax1.set(xlabel="optimizer step", ylabel="validation CE (nats/token)",
+            title="students: validation CE (★ = best, the exported model)")
     ax1.legend()
     names = list(results)
     ppl = [results[n]["perplexity"] for n in names]
@@ -209,12 +216,14 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
     x = np.arange(len(names))
     ax2.bar(x - 0.2, init, 0.4, label="at init", color="#bbb")
     ax2.bar(x + 0.2, ppl, 0.4, label="trained", color="#3a7")
-    for xi, v in zip(x, ppl):
+    for xi, v, v0 in zip(x, ppl, init):
         ax2.text(xi + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax2.set_yscale("log")
+        if np.isfinite(v0):
+            ax2.text(xi - 0.2, v0, f"{v0:.1f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylim(0, np.nanmax(init + ppl) * 1.15)
     ax2.set_xticks(x, names)
-    ax2.set(ylabel="validation perplexity (log)", title="perplexity: teacher vs students")
-    ax2.legend()
+    ax2.set(ylabel="validation perplexity", title="perplexity: teacher vs students")
+    ax2.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
