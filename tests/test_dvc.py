@@ -113,6 +113,31 @@ def test_changing_the_codec_replaces_the_persisted_store(repo):
     assert teacher["perplexity"] < float("inf")  # targets in the dropped tail are counted apart, not infinite
 
 
+def test_store_shared_through_a_dvc_remote(repo, tmp_path):
+    """The README's recipe: cache the store, `dvc push` it; a fresh clone `dvc pull`s it and trains students
+    without running the teacher."""
+    a = tmp_path / "a"
+    shutil.copytree(repo, a, ignore=shutil.ignore_patterns("plots_html"))
+    spec = yaml.safe_load((a / "dvc.yaml").read_text())
+    (out,) = spec["stages"]["teacher_logits"]["outs"]
+    out["${paths.logits}"]["cache"] = True
+    (a / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sh("dvc", "repro", cwd=a)
+    sh("dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=a)
+    sh("dvc", "push", cwd=a)
+    sh("git", "add", "-A", cwd=a)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "store cached and pushed", cwd=a)
+    sh("git", "clone", "-q", str(a), str(tmp_path / "b"), cwd=tmp_path)
+    b = tmp_path / "b"
+    sh("dvc", "pull", cwd=b)
+    assert (b / "stages/teacher_logits/logits.zarr/zarr.json").read_bytes() == \
+        (a / "stages/teacher_logits/logits.zarr/zarr.json").read_bytes()
+    out = sh("dvc", "repro", cwd=b)
+    students = yaml.safe_load((b / "params.yaml").read_text())["students"]
+    # the students retrain (their outputs are not cached); prepare and the teacher do not run
+    assert ran(out) == {f"train@{name}" for name in students} | {"evaluate"}, out
+
+
 def _imports(path: Path) -> set[str]:
     """distill_pipe modules a file imports (anywhere in it, lazily included), as dotted names."""
     import ast

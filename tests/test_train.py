@@ -113,6 +113,42 @@ def test_kd_student_outputs_load_and_generate(proj):
         run("kd")
 
 
+def test_store_on_an_fsspec_url(proj):
+    """paths.logits as a URL (memory:// here, s3:// in the README): stage one writes there, a rerun finds
+    it complete, `inspect` reads it, and stage two trains from it exactly as from the local store."""
+    import uuid
+
+    from conftest import run_cli
+
+    set_params(proj, {"kd": {"init": STUDENT_INIT, "alpha": 0.5, "temperature": 2.0}})
+    url = f"memory://logits-{uuid.uuid4().hex}.zarr"
+    from distill_pipe.store import open_store
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    written = []
+    for _ in range(2):  # the second run finds the store complete and rewrites nothing
+        code, out = run_cli("teacher-logits", "--set", f"paths.logits={url}")
+        assert code == 0, out
+        store = open_store(url)
+        assert all(store.completed_shards(s) == set(range(store.num_shards(s))) for s in store.splits)
+        written.append({f: fs.info(f)["created"] for f in fs.find(url)})
+    assert len(written[0]) > 10 and written[0] == written[1]
+    code, out = run_cli("inspect", url, "--verify")
+    assert code == 0 and "verify      ok" in out, out
+    local = run("kd")
+    from_url = run_train_with(f"paths.logits={url}", "paths.train=stages/train_url", student="kd")
+    assert rows(from_url / "history" / "eval.csv") == rows(local / "history" / "eval.csv")
+    assert all(torch.equal(v, weights(local / "model")[k]) for k, v in weights(from_url / "model").items())
+
+
+def run_train_with(*overrides: str, student: str) -> Path:
+    from distill_pipe.train import run_train
+
+    return run_train(load_config(None, list(overrides)), student, resume=False)
+
+
 def test_ce_student_trains_from_tokens_without_a_store(proj):
     set_params(proj, {"ce": {"init": STUDENT_INIT, "alpha": 1.0}})
     shutil.rmtree(proj / "stages" / "teacher_logits")
