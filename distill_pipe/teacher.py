@@ -230,9 +230,17 @@ def _prepare_model(model, dtype: torch.dtype, dist):
 def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, seq_len) -> None:
     real = step < len(batches)
     split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
-    ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+    failed = None
+    try:
+        ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+    except Exception as e:  # noqa: BLE001 - raised after the forward below
+        # The other ranks are about to enter this step's FSDP all-gathers: run the forward anyway (on
+        # placeholder ids) so they are not left waiting, then fail; the step's error flag stops every rank.
+        failed, ids = e, torch.zeros((stop - start, seq_len), dtype=torch.long, device=dist.device)
     # logits_to_keep=1: the factored codec needs only the hidden state, not the (B, L, V) logits.
     out = model(ids, logits_to_keep=1 if codec.input_kind == "hidden" else 0)
+    if failed is not None:
+        raise failed
     if not real:
         return  # a throwaway forward that keeps this rank in FSDP lockstep
     x = cap["h"] if codec.input_kind == "hidden" else out.logits
@@ -267,6 +275,9 @@ def _compute(model, store, codec, jobs, batch_size: int, dist, seq_len: int) -> 
             # One flag per step: a rank that failed stops every rank, instead of leaving them blocked in
             # FSDP all-gathers until the process-group timeout.
             if dist.distributed and distributed.all_reduce(int(error is not None), op="max"):
+                error = error or TeacherError(
+                    "another rank failed (its error is above); rerun the same command to resume: the shards "
+                    "finished so far are kept")
                 break
     bar.close()
     for w in writers.values():  # finished shards are flushed even when something failed

@@ -150,6 +150,60 @@ def test_two_ranks_equal_one(prepared):
             assert (a.logprobs(split, i) - b.logprobs(split, i)).abs().max().item() < 1e-5 * 100  # fp16 hidden
 
 
+FAILING_RANK_SCRIPT = """
+import os, sys
+from distill_pipe.store import reader, writer
+where = os.environ["FAIL_AT"]
+calls = {"n": 0}
+def third_call_on_rank_1(fn):
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if os.environ.get("RANK") == "1" and calls["n"] == 3:
+            raise OSError(f"injected {where} failure on rank 1")
+        return fn(*args, **kwargs)
+    return wrapped
+if where == "read":  # before the step's forward: the other rank is entering its FSDP all-gathers
+    reader.LogitStore.input_ids = third_call_on_rank_1(reader.LogitStore.input_ids)
+else:  # after the forward, in the shard writer
+    writer.ShardWriter.submit = third_call_on_rank_1(writer.ShardWriter.submit)
+from distill_pipe.cli import main
+sys.argv = ["distill-pipe", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("fail_at", ["read", "write"])
+def test_a_failing_rank_stops_every_rank_and_a_rerun_resumes(prepared, fail_at):
+    """Rank 1 fails mid-run, before its forward (store read) or after it (shard write): both ranks exit
+    promptly (no hang in FSDP collectives) with one-line errors; the shards finished before the failure
+    are kept and a plain rerun completes the store, equal to an uninterrupted one."""
+    args = ["--set", "teacher_logits.shard_size=3", "--set", "teacher_logits.batch_size=1",
+            "--set", "data.max_train_tokens=640", "--set", "data.max_validation_tokens=320"]
+    assert run("prepare", *args[4:])[0] == 0
+    assert run("teacher-logits", *args, "--set", "paths.logits=one.zarr")[0] == 0
+    Path("fail.py").write_text(FAILING_RANK_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FAIL_AT": fail_at,
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "fail.py", "teacher-logits", *args, "--set", "paths.logits=two.zarr"],
+                          capture_output=True, text=True, env=env, timeout=120)  # a hang would hit the timeout
+    assert proc.returncode != 0
+    # (rank 0's progress bar may share a line with rank 1's error)
+    errors = [ln[ln.index("error: "):] for ln in proc.stderr.splitlines() if "error: " in ln]
+    assert any(f"injected {fail_at} failure on rank 1" in ln for ln in errors), proc.stderr[-3000:]
+    assert any("another rank failed" in ln for ln in errors), proc.stderr[-3000:]
+    partial = open_store("two.zarr")
+    kept = sum(len(partial.completed_shards(s)) for s in partial.splits)
+    assert 0 < kept < sum(partial.num_shards(s) for s in partial.splits)
+    assert run("teacher-logits", *args, "--set", "paths.logits=two.zarr")[0] == 0
+    one, two = store_arrays("one.zarr"), store_arrays("two.zarr")
+    for k in one:
+        if one[k].dtype == np.float16:  # the 2-rank FSDP forward rounds like test_two_ranks_equal_one's
+            np.testing.assert_allclose(two[k].astype(np.float32), one[k].astype(np.float32), atol=1e-3, rtol=0)
+        else:
+            np.testing.assert_array_equal(two[k], one[k], err_msg=k)
+
+
 def test_tokens_from_another_tokenizer_refused_before_compute(prepared, tmp_path):
     from conftest import make_tiny_llama, make_tokenizer
 
