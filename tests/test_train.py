@@ -232,14 +232,26 @@ def test_resume_with_a_changed_config_is_an_error(proj):
 
 
 TORCHRUN_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import sys, time, torch
     torch.set_num_threads(1)
+    from distill_pipe import distributed, trainer
+    if "--slow" in sys.argv:  # slow enough to be killed between checkpoints
+        step = trainer.Trainer.train_step
+        def slow_step(self, batches):
+            time.sleep(0.5)
+            return step(self, batches)
+        trainer.Trainer.train_step = slow_step
     from distill_pipe.config import load_config
     from distill_pipe.train import run_train
-    from distill_pipe import distributed
-    run_train(load_config(), sys.argv[1])
+    run_train(load_config(), sys.argv[1], resume="--resume" in sys.argv)
     distributed.shutdown()
 """)
+
+
+def torchrun(proj: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "ddp.py", *args], cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, **popen)
 
 
 def test_two_torchrun_ranks_with_fsdp_equal_one_process(proj):
@@ -248,10 +260,9 @@ def test_two_torchrun_ranks_with_fsdp_equal_one_process(proj):
     set_params(proj, students, max_steps=3, save_steps=2, eval_steps=1, max_eval_sequences=5)
     run("one")
     (proj / "ddp.py").write_text(TORCHRUN_SCRIPT)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "ddp.py", "two"], cwd=proj, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-3000:]
+    proc = torchrun(proj, "two")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     one, two = proj / "stages" / "train" / "one", proj / "stages" / "train" / "two"
     m2 = json.loads((two / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m2["global_batch"] == 2
@@ -264,6 +275,46 @@ def test_two_torchrun_ranks_with_fsdp_equal_one_process(proj):
         assert float(a["eval_loss"]) == pytest.approx(float(b["eval_loss"]), rel=1e-5)
     assert (two / "checkpoints" / "step-000002" / "trainer.pt").exists()
     assert len(list((two / "checkpoints" / "step-000002").glob("*.distcp"))) == 2  # one shard file per rank
+
+
+def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(proj):
+    """2 torchrun ranks under FSDP2: SIGKILL the whole job after a DCP checkpoint, rerun with --resume, and
+    the history and weights equal an uninterrupted 2-rank run's."""
+    students = {"a": {"init": STUDENT_INIT, "batch_size": 1}, "b": {"init": STUDENT_INIT, "batch_size": 1}}
+    set_params(proj, students, max_steps=8, save_steps=2, eval_steps=3, max_eval_sequences=4)
+    (proj / "ddp.py").write_text(TORCHRUN_SCRIPT)
+    proc = torchrun(proj, "a")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    latest = proj / "stages" / "train" / "b" / "checkpoints" / "latest"
+    proc = torchrun(proj, "b", "--slow")
+    try:
+        deadline = time.time() + 240
+        while not (latest.exists() and latest.read_text() >= "step-000004"):
+            assert proc.poll() is None and time.time() < deadline, "training job ended before a checkpoint"
+            time.sleep(0.05)
+        # torchrun starts each rank in its own session: kill the ranks themselves, then torchrun
+        import psutil  # a dependency of dvc
+
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        assert len(ranks) >= 2
+        for p in ranks:
+            p.kill()
+        proc.kill()
+    finally:
+        proc.communicate()
+    killed_at = latest.read_text()
+    assert killed_at < "step-000008", "the run finished before the kill"
+    proc = torchrun(proj, "b", "--resume")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    resumed_at = int(killed_at.split("-")[1])
+    assert f"| {resumed_at}/8 [" in err, err[-3000:]  # the bar starts at the checkpoint: resumed, not restarted
+    a, b = proj / "stages" / "train" / "a", proj / "stages" / "train" / "b"
+    assert rows(a / "history" / "train.csv") == rows(b / "history" / "train.csv")
+    assert rows(a / "history" / "eval.csv") == rows(b / "history" / "eval.csv")
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ---------------------------------------------------------------- bad input
