@@ -161,8 +161,27 @@ def _dequantise(src: ModelSource):
     return model
 
 
+GGUF_CACHE_VERSION = 1
+
+
 def _gguf_cache(src: ModelSource, kind: str) -> Path:
-    return cache_dir() / "gguf" / model_fingerprint(src).split(":", 1)[1] / kind
+    """<cache>/gguf/<sha256 of the GGUF>/<kind>-t<transformers version>-v<n>: a transformers upgrade (which may
+    change how GGUF is dequantised or its tokenizer converted) or a change here starts a fresh entry."""
+    import transformers
+
+    entry = f"{kind}-t{transformers.__version__}-v{GGUF_CACHE_VERSION}"
+    return cache_dir() / "gguf" / model_fingerprint(src).split(":", 1)[1] / entry
+
+
+def _load_cached(folder: Path, kind: str, load: Callable, spec: str):
+    try:
+        obj = load(folder)
+    except Exception as e:  # noqa: BLE001 - any damage (e.g. a truncated safetensors) means: rebuild it
+        log.warning("cached %s %s is unreadable (%s); rebuilding it", kind, folder, e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    log.info("%s of %s: cache hit %s", kind, spec, folder)
+    return obj
 
 
 def _through_gguf_cache(src: ModelSource, kind: str, load: Callable, convert: Callable, save: Callable):
@@ -171,28 +190,41 @@ def _through_gguf_cache(src: ModelSource, kind: str, load: Callable, convert: Ca
     Every stage loads the teacher and its tokenizer; parsing and dequantising the builtin's GGUF takes ~30 s
     on 2 cores each time, reading the cached Hugging Face folder ~1 s. The values are the same either way:
     the cache is what `save_pretrained` wrote from the converted object (the tokenizer's fingerprint is
-    unchanged, tested). An unreadable entry is rebuilt; an unwritable cache only costs time.
+    unchanged, tested). The model entry is fp32: 4 bytes per parameter (540 MB for the builtin, 28 GB for a
+    7B teacher); DISTILL_PIPE_GGUF_CACHE=0 turns the cache off. One process converts while the others (torchrun
+    ranks) wait on a file lock and then read its result. An unreadable entry is rebuilt; an unwritable cache
+    only costs time.
     """
+    if os.environ.get("DISTILL_PIPE_GGUF_CACHE", "1") == "0":
+        return convert()
     folder = _gguf_cache(src, kind)
-    if folder.is_dir():
-        try:
-            obj = load(folder)
-            log.info("%s of %s: cache hit %s", kind, src.spec, folder)
-            return obj
-        except (OSError, ValueError, RuntimeError) as e:
-            log.warning("cached %s %s is unreadable (%s); rebuilding it", kind, folder, e)
-            shutil.rmtree(folder, ignore_errors=True)
-    obj = convert()
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    if folder.is_dir() and (obj := _load_cached(folder, kind, load, src.spec)) is not None:
+        return obj
     try:
-        save(obj, tmp)
-        os.replace(tmp, folder)  # whole or absent; a concurrent rank that got there first wins
-        log.info("cached the converted GGUF %s of %s in %s", kind, src.spec, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{folder.name}.lock", "w")
     except OSError as e:
-        log.warning("could not cache the GGUF %s of %s in %s (%s); it will be converted again", kind, src.spec,
-                    folder, e)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("GGUF cache %s is not writable (%s); converting without it", folder.parent, e)
+        return convert()
+    import fcntl
+
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if folder.is_dir() and (obj := _load_cached(folder, kind, load, src.spec)) is not None:
+            return obj  # another process converted it while this one waited
+        obj = convert()
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+        try:
+            save(obj, tmp)
+            os.replace(tmp, folder)  # whole or absent
+            log.info("cached the converted GGUF %s of %s in %s", kind, src.spec, folder)
+        except Exception as e:  # noqa: BLE001 - the cache only saves time
+            log.warning("could not cache the GGUF %s of %s in %s (%s); it will be converted again", kind,
+                        src.spec, folder, e)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return obj
 
 
