@@ -151,8 +151,8 @@ class TrainConfig:
     dtype: str = "float32"
     """Student parameter dtype under FSDP mixed precision: float32 or bfloat16 compute."""
     loss_chunk_size: int | None = None
-    """Positions per chunk of the fp32 loss computation; null = auto (losses.default_chunk_size: on CPU a
-    (chunk, vocab) fp32 block within 24 MiB, 128 positions for a 49k vocabulary; 1024 on GPU)."""
+    """Positions per chunk of the fp32 loss computation; null = auto (losses.default_chunk_size: a (chunk,
+    vocab) fp32 block within 24 MiB on CPU, 128 positions for a 49k vocabulary; within 256 MiB on GPU)."""
     calibration_tokens: int = 1024
     """Training tokens used to rank layers when a student is a layer-dropped teacher."""
     max_eval_sequences: int | None = None

@@ -175,11 +175,15 @@ def _eval_history(folder: Path) -> list[dict]:
 
 
 def _read_eval_history(folder: Path) -> tuple[list[int], list[float], int | None]:
-    """(steps, validation CE, index of the best eval loss, which picked the exported model)."""
+    """(steps, validation CE, index of the exported model's step: metrics.json's best_step)."""
     rows = _eval_history(folder)
+    steps = [int(r["step"]) for r in rows]
+    try:
+        best_step = json.loads((folder / "metrics.json").read_text())["best_step"]
+    except (OSError, ValueError, KeyError):
+        best_step = None
     # CE, not the optimised loss: alpha and T differ between students, CE is comparable across them.
-    best = int(np.argmin([float(r["eval_loss"]) for r in rows])) if rows else None
-    return [int(r["step"]) for r in rows], [float(r["eval_ce"]) for r in rows], best
+    return steps, [float(r["eval_ce"]) for r in rows], steps.index(best_step) if best_step in steps else None
 
 
 def write_curves(path: Path, cfg: Config) -> None:
@@ -205,7 +209,8 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
         steps, losses, best = _read_eval_history(Path(cfg.paths.train) / name)
         if steps:
             (line,) = ax1.plot(steps, losses, marker="o", ms=3, label=name)
-            ax1.plot(steps[best], losses[best], marker="*", ms=12, color=line.get_color(), ls="none")
+            if best is not None:
+                ax1.plot(steps[best], losses[best], marker="*", ms=12, color=line.get_color(), ls="none")
     ax1.axhline(results["teacher"]["ce"], color="#555", ls="--", lw=1, label="teacher")
     ax1.set(xlabel="optimizer step", ylabel="validation CE (nats/token)",
             title="students: validation CE (★ = best, the exported model)")
@@ -220,7 +225,16 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
         ax2.text(xi + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         if np.isfinite(v0):
             ax2.text(xi - 0.2, v0, f"{v0:.1f}", ha="center", va="bottom", fontsize=8)
-    ax2.set_ylim(0, np.nanmax(init + ppl) * 1.15)
+    top, bottom = np.nanmax(init + ppl), np.nanmin(init + ppl)
+    if top / bottom > 20:  # e.g. a randomly initialised student near the vocabulary size: log scale
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax2.set_yscale("log")
+        ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax2.yaxis.set_minor_formatter(NullFormatter())
+        ax2.set_ylim(bottom / 1.5, top * 2)
+    else:
+        ax2.set_ylim(0, top * 1.15)
     ax2.set_xticks(x, names)
     ax2.set(ylabel="validation perplexity", title="perplexity: teacher vs students")
     ax2.legend(loc="upper left")

@@ -74,21 +74,22 @@ def count_targets(targets: torch.Tensor) -> int:
 
 
 CPU_CHUNK_BYTES = 24 << 20
+GPU_CHUNK_BYTES = 256 << 20
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str) -> int:
-    """Positions per loss chunk when `train.loss_chunk_size` is null.
+    """Positions per loss chunk when `train.loss_chunk_size` is null: one (chunk, V) fp32 block per
+    temporary of at most 24 MiB on CPU, 256 MiB on GPU (the loss holds about five such blocks at its peak).
 
     On CPU, glibc serves a block above its mmap threshold (at most 32 MiB) with fresh pages that the kernel
-    faults in and zeroes on first touch, and unmaps it again on free: every (chunk, V) fp32 temporary of the
-    loss paid that each step. Keeping a block within 24 MiB lets the heap reuse it; on the 2-core machine
-    this took a KD step (4 x 256 tokens, V = 49,152) from ~8.5 s at 1024 positions to ~5.3 s at 128, with
-    CE-only at ~4.6 s (benchmarks/train_step.py --chunk-sizes). On GPU the caching allocator reuses blocks
-    and larger chunks use the device better: 1024.
+    faults in and zeroes on first touch, and unmaps it again on free: every temporary of the loss paid that
+    each step. Within 24 MiB the heap reuses it; on the 2-core machine this took a KD step (4 x 256 tokens,
+    V = 49,152) from ~8.5 s at 1024 positions to ~5.3 s at 128, with CE-only at ~4.6 s
+    (benchmarks/train_step.py --chunk-sizes). On GPU the caching allocator reuses blocks and larger chunks
+    use the device better: 1,365 positions for V = 49,152, 256 for a 256k vocabulary.
     """
-    if torch.device(device).type == "cpu":
-        return max(1, CPU_CHUNK_BYTES // (4 * vocab_size))
-    return 1024
+    budget = CPU_CHUNK_BYTES if torch.device(device).type == "cpu" else GPU_CHUNK_BYTES
+    return max(1, budget // (4 * vocab_size))
 
 
 def check_hparams(alpha: float, temperature: float) -> None:

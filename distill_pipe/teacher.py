@@ -234,6 +234,8 @@ def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, se
     try:
         ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
     except Exception as e:  # noqa: BLE001 - raised after the forward below
+        if not dist.distributed:
+            raise
         # The other ranks are about to enter this step's FSDP all-gathers: run the forward anyway (on
         # placeholder ids) so they are not left waiting, then fail; the step's error flag stops every rank.
         failed, ids = e, torch.zeros((stop - start, seq_len), dtype=torch.long, device=dist.device)

@@ -28,7 +28,8 @@ from distill_pipe.trainer import CheckpointError, DistillTrainer, Trainer
 log = logging.getLogger(__name__)
 
 # Train keys that do not change what a run computes: they may differ when resuming.
-UNFINGERPRINTED_KEYS = ("save_steps", "keep_last")
+# loss_chunk_size only regroups the loss sums (float rounding), and lowering it is the fix for an OOM
+UNFINGERPRINTED_KEYS = ("save_steps", "keep_last", "loss_chunk_size")
 
 
 class TrainError(ValueError):
