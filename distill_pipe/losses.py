@@ -101,7 +101,7 @@ def check_hparams(alpha: float, temperature: float) -> None:
 
 
 def ce_sum(
-    student_logits_NV: torch.Tensor, targets_N: torch.Tensor, chunk_size: int = 1024
+    student_logits_NV: torch.Tensor, targets_N: torch.Tensor, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """(differentiable scalar fp32 CE sum over counted positions, number of counted positions)."""
     sums = _weighted_sums(student_logits_NV, targets_N, None, 1.0, 0.0, 1.0, chunk_size)
@@ -113,7 +113,7 @@ def kl_sum(
     teacher_logits_fn: TeacherLogitsFn,
     targets_N: torch.Tensor,
     temperature: float,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Differentiable scalar fp32 sum of KL(softmax(t/T) || softmax(z/T)) over counted positions."""
     check_hparams(0.0, temperature)
@@ -129,7 +129,7 @@ def hybrid_loss(
     *,
     alpha: float,
     temperature: float,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> LossSums:
     """alpha*CE + (1-alpha)*T^2*KL summed over counted positions (see the module docstring).
 
@@ -152,13 +152,15 @@ def _weighted_sums(
     ce_weight: float,
     kl_weight: float,
     temperature: float,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> LossSums:
     """LossSums with loss = ce_weight * CE + kl_weight * KL; the teacher is read only if kl_weight."""
     assert student_logits_NV.dim() == 2, f"student logits must be (N, V), got {tuple(student_logits_NV.shape)}"
     assert targets_N.shape == student_logits_NV.shape[:1], (
         f"targets {tuple(targets_N.shape)} do not match logits {tuple(student_logits_NV.shape)}"
     )
+    if chunk_size is None:  # auto: train.loss_chunk_size null
+        chunk_size = default_chunk_size(student_logits_NV.shape[1], student_logits_NV.device)
     assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
     assert kl_weight == 0 or teacher_logits_fn is not None, "the KL term needs teacher_logits_fn"
     chunks = _plan_chunks(targets_N, chunk_size)

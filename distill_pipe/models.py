@@ -108,8 +108,8 @@ def load_config(spec: str | ModelSource):
     from transformers import AutoConfig
 
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
-    if src.gguf_file and (_gguf_cache(src, "model") / "config.json").is_file():
-        return AutoConfig.from_pretrained(_gguf_cache(src, "model"))
+    if src.gguf_file and (cached := _gguf_cache(src, "model") / "config.json").is_file():
+        return AutoConfig.from_pretrained(cached.parent)
     return AutoConfig.from_pretrained(src.path, **src.hf_kwargs())
 
 

@@ -39,8 +39,7 @@ from torch import nn
 from distill_pipe import distributed as dd
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo
-from distill_pipe.losses import (IGNORE_INDEX, LossSums, count_targets, default_chunk_size, hybrid_loss,
-                                  shift_for_next_token)
+from distill_pipe.losses import IGNORE_INDEX, LossSums, count_targets, hybrid_loss, shift_for_next_token
 
 log = logging.getLogger(__name__)
 
@@ -540,9 +539,8 @@ class DistillTrainer(Trainer):
             def teacher_fn(start: int, end: int) -> torch.Tensor:
                 return tb.logits(start, end)[:, :V]
 
-        chunk = self.cfg.loss_chunk_size or default_chunk_size(V, logits_NV.device)
         return hybrid_loss(logits_NV, targets_N, teacher_fn, alpha=self.cfg.alpha,
-                           temperature=self.cfg.temperature, chunk_size=chunk)
+                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
 
 
 def _no_teacher(start: int, end: int) -> torch.Tensor:

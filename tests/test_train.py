@@ -63,10 +63,10 @@ def proj(base_project, tmp_path, monkeypatch) -> Path:
     return root
 
 
-def run(student: str, resume: bool = False, **kw) -> Path:
+def run(student: str, resume: bool = False, overrides: tuple[str, ...] = (), **kw) -> Path:
     from distill_pipe.train import run_train
 
-    return run_train(load_config(), student, resume=resume, **kw)
+    return run_train(load_config(None, list(overrides)), student, resume=resume, **kw)
 
 
 def rows(path: Path, drop=("tokens_per_s",)) -> list[dict]:
@@ -138,15 +138,9 @@ def test_store_on_an_fsspec_url(proj):
     code, out = run_cli("inspect", url, "--verify")
     assert code == 0 and "verify      ok" in out, out
     local = run("kd")
-    from_url = run_train_with(f"paths.logits={url}", "paths.train=stages/train_url", student="kd")
+    from_url = run("kd", overrides=(f"paths.logits={url}", "paths.train=stages/train_url"))
     assert rows(from_url / "history" / "eval.csv") == rows(local / "history" / "eval.csv")
     assert all(torch.equal(v, weights(local / "model")[k]) for k, v in weights(from_url / "model").items())
-
-
-def run_train_with(*overrides: str, student: str) -> Path:
-    from distill_pipe.train import run_train
-
-    return run_train(load_config(None, list(overrides)), student, resume=False)
 
 
 def test_ce_student_trains_from_tokens_without_a_store(proj):
