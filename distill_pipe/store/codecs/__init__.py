@@ -1,0 +1,50 @@
+"""Codecs: how one position's V-way teacher distribution is stored, and how it comes back.
+
+Shapes: B batch, L sequence length, P flattened positions (B*L), V vocabulary, d hidden size.
+
+Every codec reconstructs "teacher logits up to an additive constant per position" in float32, chunk by
+chunk over flattened positions. Temperature is never baked in: consumers apply log_softmax(logits / T).
+
+- `factored`   input: final (normalised) hidden states (B, L, d). Payload: `hidden` (B, L, d), fp16 by
+               default; the output head (weight (V, d), bias, soft-capping, logit scale) is stored once.
+               logits = post(h @ W.T + b). Lower-precision `hidden_dtype`s trade error for size.
+- `dense-bf16` input: logits (B, L, V). Payload: `logits_bf16` (B, L, V) uint16 = the bf16 bit pattern.
+- `dense-u8`   input: logits (B, L, V). Payload: `logprobs_u8` (B, L, V) uint8. With r = log p - max log p
+               (<= 0), code = round((1 - exp(gamma * r)) / step) (gamma > 0; "companded"), or
+               code = round(-r / step) (gamma = 0; plain fixed step in nats), clamped to 0..254; tokens of
+               the smallest-probability tail whose total mass is below `tail_mass` get 255 = probability 0.
+               The tail is found in O(V): a per-position histogram of mass per code, dropping whole codes
+               from 254 down while their total stays below tail_mass.
+               Decoding: r = log(1 - code * step) / gamma (or -code * step); 255 -> -inf.
+               With `exact_top_k` = k > 0 also `top_ids` (B, L, k) (uint16, int32 if V > 65536) and
+               `top_logprobs` (B, L, k) fp16 = r of the k most likely tokens (descending), written over the
+               decoded row; the 8-bit grid then starts at the k-th of them: codes quantise min(r - r_k, 0)
+               and decode to table[code] + r_k (r_k as stored in fp16; 0 if it is -inf).
+
+Encoding runs in torch on the input's device; only the compact payload needs to cross to the CPU.
+One module per codec; this package's `CODECS` is the registry.
+"""
+
+from __future__ import annotations
+
+from distill_pipe.store.codecs.base import FP16_MAX, Codec, Head, PayloadSpec, head_from_model
+from distill_pipe.store.codecs.dense_bf16 import DenseBF16Codec
+from distill_pipe.store.codecs.dense_u8 import DenseU8Codec
+from distill_pipe.store.codecs.factored import FactoredCodec
+
+# The registry: one module per codec in this package.
+CODECS: dict[str, type[Codec]] = {"factored": FactoredCodec, "dense-bf16": DenseBF16Codec, "dense-u8": DenseU8Codec}
+CODEC_NAMES = tuple(CODECS)
+
+__all__ = ["CODECS", "CODEC_NAMES", "FP16_MAX", "Codec", "DenseBF16Codec", "DenseU8Codec", "FactoredCodec", "Head",
+           "PayloadSpec", "head_from_model", "make_codec"]
+
+
+def make_codec(name: str, **params) -> Codec:
+    """'factored' | 'dense-bf16' | 'dense-u8', with that codec's parameters (see the CODECS)."""
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    try:
+        return CODECS[name](**params)
+    except TypeError as e:
+        raise ValueError(f"codec {name}: bad parameters {params}: {e}") from None

@@ -1,0 +1,124 @@
+"""What every codec shares: the payload spec, zarr compressor presets, the teacher head, the Codec base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from distill_pipe.store.format import StoreError
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class PayloadSpec:
+    """One payload array: shape (N, L, *trailing), numpy dtype, and zarr inner codecs."""
+
+    trailing: tuple[int, ...]
+    dtype: np.dtype
+    filters: tuple = ()
+    compressors: tuple = ()
+
+
+def blosc_shuffle() -> tuple:
+    # Byte shuffle beats bit shuffle on floats (benchmarks/codecs.py); crc32c so corruption is detected, not decoded.
+    return (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2), Crc32cCodec())
+
+
+def zstd_crc(level: int = 3) -> tuple:
+    return (ZstdCodec(level=level), Crc32cCodec())
+
+
+@dataclass
+class Head:
+    """The teacher's output head: logits = post(h @ weight.T + bias); post = logit_scale then soft-capping.
+
+    `transform_DD` (d, d) is set when the stored hidden states live in another basis: h = h_stored @ T.
+    It is folded into the weight once (h @ W.T == h_stored @ (W @ T.T).T).
+    """
+
+    weight_VD: torch.Tensor
+    bias_V: torch.Tensor | None = None
+    final_logit_softcapping: float | None = None
+    logit_scale: float | None = None
+    transform_DD: torch.Tensor | None = None
+    _effective_VD: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight_VD.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight_VD.shape[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        if self._effective_VD is None:
+            w = self.weight_VD  # float32 from a store; calibrate() runs it in float64
+            self._effective_VD = w if self.transform_DD is None else w @ self.transform_DD.to(w.dtype).T
+        return self._effective_VD
+
+    def to(self, device) -> Head:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Head(move(self.weight_VD), move(self.bias_V), self.final_logit_softcapping,
+                    self.logit_scale, move(self.transform_DD), move(self._effective_VD))
+
+    def logits(self, h_PD: torch.Tensor) -> torch.Tensor:
+        """(P, d) stored hidden states -> (P, V) float32 logits."""
+        w = self.effective_weight()
+        logits_PV = h_PD.to(w.dtype) @ w.T
+        if self.bias_V is not None:
+            logits_PV += self.bias_V.to(logits_PV.dtype)
+        if self.logit_scale is not None:
+            logits_PV *= self.logit_scale
+        if self.final_logit_softcapping is not None:
+            c = self.final_logit_softcapping
+            logits_PV = torch.tanh(logits_PV / c) * c
+        return logits_PV
+
+
+def head_from_model(model) -> dict:
+    """The head dict `create_store` wants, from a transformers causal LM, or StoreError if not factorable."""
+    lm_head = model.get_output_embeddings()
+    cfg = model.config
+    text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    if not isinstance(lm_head, torch.nn.Linear):
+        raise StoreError(f"{type(model).__name__}'s output head is {type(lm_head).__name__}, not a linear "
+                         "layer over the last hidden state; use codec dense-u8 or dense-bf16")
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    scale = getattr(text_cfg, "logit_scale", None)
+    return {
+        "weight": lm_head.weight.detach().float().cpu(),
+        "bias": None if lm_head.bias is None else lm_head.bias.detach().float().cpu(),
+        "final_logit_softcapping": None if softcap is None else float(softcap),
+        "logit_scale": None if scale is None or scale == 1.0 else float(scale),
+    }
+
+
+class Codec:
+    name: str
+    input_kind: str
+
+    @property
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    def payload_specs(self, vocab_size: int, hidden_size: int | None) -> dict[str, PayloadSpec]:
+        raise NotImplementedError
+
+    def encode(self, x_BLX: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, payload: dict[str, torch.Tensor], head: Head | None) -> torch.Tensor:
+        """Payload rows (P, ...) on any device -> (P, V) float32 logits on that device."""
+        raise NotImplementedError
+
+    def check_payload(self, payload: dict[str, np.ndarray]) -> str | None:
+        """Cheap sanity check of decompressed payload rows; returns a problem or None (used by verify)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
