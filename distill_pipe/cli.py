@@ -85,12 +85,15 @@ def teacher_logits(params: ParamsOpt = None, set_: SetOpt = None,
 @command
 def train(student: Annotated[str, typer.Option("--student", help="name of an entry of params `students`")],
           params: ParamsOpt = None, set_: SetOpt = None,
-          resume: Annotated[bool, typer.Option(help="continue from the student's latest checkpoint")] = False):
+          resume: Annotated[bool, typer.Option(help="continue from the student's latest checkpoint")] = False,
+          auto_resume: Annotated[bool, typer.Option(
+              help="continue the checkpoint if its config matches, else keep it aside and start from step 0 "
+                   "(dvc.yaml)")] = False):
     """Train a student against the stored teacher logits (or plain LM training when alpha is 1)."""
     from distill_pipe.train import run_train
 
     with _process_group():
-        run_train(_config(params, set_), student, resume=resume)
+        run_train(_config(params, set_), student, resume=resume, auto_resume=auto_resume)
 
 
 @command

@@ -3,14 +3,16 @@
     distill-pipe train --student kd20 [--resume]
     torchrun --nproc_per_node=2 -m distill_pipe train --student kd20     # FSDP2 (bf16 if train.dtype)
 
-Writes `<paths.train>/<student>/`: `model/` (the best model by eval loss: save_pretrained + tokenizer),
-`metrics.json`, `history/train.csv` and `history/eval.csv` (DVC plots), `checkpoints/` (resume), and
-whatever the student initialisation records (e.g. the layers kept).
+Writes `<paths.train>/<student>/`: `model/` (the best model by eval loss: save_pretrained + tokenizer; a
+symlink into checkpoints/exports, see `Exporter`), `metrics.json` (describes the step `model/` holds),
+`history/train.csv` and `history/eval.csv` (DVC plots), `checkpoints/` (resume), and whatever the student
+initialisation records (e.g. the layers kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import torch
 from distill_pipe import distributed as dd
 from distill_pipe import models
 from distill_pipe.config import Config, StudentConfig
-from distill_pipe.trainer import CheckpointError, DistillTrainer, Trainer
+from distill_pipe.trainer import CheckpointError, DistillTrainer, Trainer, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,17 @@ class TrainError(ValueError):
     """Inputs of the train stage that do not fit together; the message names the fix."""
 
 
-def run_train(cfg: Config, student: str, resume: bool = False) -> Path:
+def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool = False) -> Path:
+    """resume: continue this student's checkpoint (refused when it was made with another config).
+    auto_resume: continue it when its config matches, else set it aside (kept, never used) and start from
+    step 0: what `dvc repro` runs, so a crashed student resumes and a changed one starts cleanly."""
     scfg = cfg.student(student)
     tc = scfg.train
     info = dd.init_distributed()
     out = Path(cfg.paths.train) / student
     ckpt_dir = out / "checkpoints"
     latest = ckpt_dir / "latest"
-    if latest.exists() and not resume:
+    if latest.exists() and not (resume or auto_resume):
         raise CheckpointError(f"{ckpt_dir} holds a checkpoint of an earlier run; pass --resume to continue it, "
                               f"or delete {out} to start over")
     source = _open_data(cfg, tc)
@@ -51,15 +56,23 @@ def run_train(cfg: Config, student: str, resume: bool = False) -> Path:
     if data["validation"].shape[0] == 0:
         raise TrainError(f"the validation split of {source['path']} is empty: evaluation and early stopping "
                          "need it; raise data.validation_fraction and rerun `distill-pipe prepare`")
+    fingerprint = {
+        "student": student,
+        "train": {k: v for k, v in dataclasses.asdict(tc).items() if k not in UNFINGERPRINTED_KEYS},
+        "init": scfg.init,
+        "data": source["identity"],
+        "world_size": info.world_size,
+    }
     if info.is_main:
         log.info("training student %s on %s (%s): %d train / %d validation sequences of %d tokens -> %s",
                  student, source["path"], source["kind"], data["train"].shape[0], data["validation"].shape[0],
                  data["train"].shape[1], out)
         out.mkdir(parents=True, exist_ok=True)
+        if auto_resume and latest.exists():
+            _set_aside_if_changed(ckpt_dir, fingerprint)
         if not latest.exists():  # a fresh run: outputs of an earlier, checkpoint-less run are stale
-            for stale in ("history", "model", "metrics.json"):
-                p = out / stale
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            for stale in ("history", "model", "metrics.json", "checkpoints/exports"):
+                _remove(out / stale)
     dd.barrier()
 
     model, tok, init_info = _build(cfg, scfg, out, data["train"], info)
@@ -68,27 +81,49 @@ def run_train(cfg: Config, student: str, resume: bool = False) -> Path:
     if info.distributed:
         model = dd.fsdp_wrap(model, param_dtype=torch.bfloat16 if tc.dtype == "bfloat16" else None)
 
-    fingerprint = {
-        "student": student,
-        "train": {k: v for k, v in dataclasses.asdict(tc).items() if k not in UNFINGERPRINTED_KEYS},
-        "init": scfg.init,
-        "data": source["identity"],
-        "world_size": info.world_size,
-    }
-    exporter = _Exporter(model, tok, out / "model", info)
+    exporter = Exporter(model, tok, out, info, static_metrics(scfg, init_info, source, vocab))
     trainer = DistillTrainer(model, tc, data, store=source.get("store"), vocab_size=vocab, out_dir=out,
-                             info=info, fingerprint=fingerprint, on_best=exporter)
+                             info=info, fingerprint=fingerprint, on_best=exporter,
+                             on_checkpoint=exporter.after_checkpoint)
     trainer.clean_stale_temp()
-    if resume and latest.exists():
+    if (resume or auto_resume) and latest.exists():
         trainer.load_checkpoint(trainer.latest_checkpoint())
-    elif resume and info.is_main:
-        log.info("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+        exporter.restore(trainer)
+    elif (resume or auto_resume) and info.is_main:
+        log.info("no checkpoint in %s: starting from step 0", ckpt_dir)
     result = trainer.train()
     if info.is_main:
-        _write_metrics(out / "metrics.json", trainer, result, scfg, init_info, source, vocab)
+        exporter.write_metrics(trainer)
         log.info("wrote %s (best eval loss %.4f at step %d)", out, result["best_eval_loss"], result["best_step"])
     dd.barrier()
     return out
+
+
+def _set_aside_if_changed(ckpt_dir: Path, fingerprint: dict) -> None:
+    """Checkpoints made with another config are renamed to checkpoints-<their config hash>, never deleted
+    (days of training) and never used; the run then starts from step 0."""
+    from distill_pipe.trainer import checkpoint_fingerprint, fingerprint_diff
+
+    pointer = ckpt_dir / "latest"
+    path = ckpt_dir / pointer.read_text().strip()
+    theirs = checkpoint_fingerprint(path) if (path / "trainer.pt").exists() else {}
+    diff = fingerprint_diff(theirs, fingerprint)
+    if not diff:
+        return
+    digest = hashlib.sha256(json.dumps(theirs, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{digest}")
+    if aside.exists():  # the same config was set aside before: keep the newer checkpoints
+        shutil.rmtree(aside)
+    os.replace(ckpt_dir, aside)
+    log.warning("%s holds checkpoints of another config (%s differ): kept in %s, unused; starting from step 0 "
+                "(delete it to free the space)", ckpt_dir, ", ".join(diff[:6]), aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------- inputs
@@ -189,18 +224,100 @@ def _check_vocab(model, tok, source: dict, student: str) -> int:
 # ---------------------------------------------------------------- outputs
 
 
-class _Exporter:
-    """on_best: write the current weights as a Hugging Face folder (with the tokenizer), atomically."""
+class Exporter:
+    """The best model by eval loss, published so that a kill at any instant leaves a complete one.
 
-    def __init__(self, model, tok, dest: Path, info):
-        self.model, self.tok, self.dest, self.info = model, tok, dest, info
+    Each export is a complete folder `checkpoints/exports/step-N/` (save_pretrained + tokenizer +
+    metrics.json), written under a temporary name and renamed. `model` is a symlink to the current one,
+    replaced atomically (rename of a new link over the old); `metrics.json` is a symlink to
+    `model/metrics.json`. So `model/` is always a complete folder, old or new, and metrics.json always
+    describes the step `model/` holds: the one flip publishes both. `from_pretrained("<student>/model")`
+    follows the link. Exports live beside the checkpoints that refer to them (a resume re-points `model` at
+    the checkpoint's best export) and are deleted with them.
+    """
 
-    def __call__(self, trainer: Trainer) -> None:
-        export_model(self.model, self.tok, self.dest, self.info, note={"step": trainer.step, **(trainer.last_eval or {})})
+    def __init__(self, model, tok, out: Path, info, static: dict):
+        self.model, self.tok, self.out, self.info, self.static = model, tok, out, info, static
+        self.exports = out / "checkpoints" / "exports"
+
+    def __call__(self, trainer: Trainer) -> None:  # on_best
+        name = f"step-{trainer.step:06d}"
+        dest = self.exports / name
+        files = {"distill_pipe.json": {"step": trainer.step, **(trainer.last_eval or {})},
+                 "metrics.json": self.metrics(trainer)}
+        if export_model(self.model, self.tok, dest, self.info, files=files):
+            self._publish(name)
+
+    def _publish(self, name: str) -> None:
+        _symlink_atomic(self.out / "model", f"checkpoints/exports/{name}")
+        _symlink_atomic(self.out / "metrics.json", "model/metrics.json")
+
+    def metrics(self, trainer: Trainer) -> dict:
+        s, best, final = trainer.summary(), trainer.best_eval or {}, trainer.last_eval or {}
+        return {
+            "best_eval_loss": best.get("eval_loss"), "best_eval_ppl": best.get("eval_ppl"),
+            "best_step": best.get("step"),
+            "final_eval_loss": final.get("eval_loss"), "final_eval_ppl": final.get("eval_ppl"),
+            "steps": s["steps"], "total_steps": s["total_steps"], "tokens": s["tokens"],
+            "tokens_per_s": s["tokens_per_s"], "train_seconds": s["train_seconds"],
+            "early_stopped": s["early_stopped"], "world_size": trainer.info.world_size,
+            "global_batch": trainer.global_batch, **self.static}
+
+    def write_metrics(self, trainer: Trainer) -> None:
+        """Refresh the published metrics (steps, final eval): in the current export when there is one (its
+        best step stays the model's), else as a plain file (no eval has improved yet)."""
+        if not self.info.is_main:
+            return
+        text = json.dumps(self.metrics(trainer), indent=2, default=str)
+        target = self.out / "model" / "metrics.json"
+        if (self.out / "model").is_symlink() and target.exists():
+            _write_atomic(target, text)
+            _symlink_atomic(self.out / "metrics.json", "model/metrics.json")
+        else:
+            _remove(self.out / "metrics.json")
+            _write_atomic(self.out / "metrics.json", text)
+
+    def after_checkpoint(self, trainer: Trainer) -> None:
+        """Refresh metrics, then delete exports that neither `model` nor a kept checkpoint refers to."""
+        if not self.info.is_main:
+            return
+        self.write_metrics(trainer)
+        keep = {os.path.basename(os.readlink(self.out / "model"))} if (self.out / "model").is_symlink() else set()
+        for ck in trainer.checkpoints():
+            best = json.loads((ck / "meta.json").read_text()).get("best_step") if (ck / "meta.json").exists() else None
+            if best is not None:
+                keep.add(f"step-{best:06d}")
+        for p in self.exports.iterdir() if self.exports.is_dir() else []:
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def restore(self, trainer: Trainer) -> None:
+        """After loading a checkpoint: publish the export of ITS best step (a later export, made after the
+        checkpoint by the run that died, is removed and will be remade bit for bit)."""
+        if not self.info.is_main:
+            return
+        for p in self.exports.iterdir() if self.exports.is_dir() else []:
+            step = checkpoint_step(p.name)
+            if step is None or step > trainer.step:
+                shutil.rmtree(p, ignore_errors=True)
+        best = trainer.best_eval["step"] if trainer.best_eval else None
+        if best is not None and (self.exports / f"step-{best:06d}" / "config.json").exists():
+            self._publish(f"step-{best:06d}")
+        else:
+            _remove(self.out / "model")
+            _remove(self.out / "metrics.json")
 
 
-def export_model(model, tok, dest: Path, info, note: dict | None = None) -> None:
-    """save_pretrained + tokenizer into `dest`, swapped in whole. Collective under FSDP (gathers weights)."""
+def static_metrics(scfg: StudentConfig, init_info: dict, source: dict, vocab: int) -> dict:
+    """The parts of metrics.json that do not change during a run."""
+    return {"vocab_compared": vocab, "data": {"kind": source["kind"], "path": source["path"], **source["identity"]},
+            "student": {"name": scfg.name, "init": scfg.init, "init_info": init_info,
+                        "train": dataclasses.asdict(scfg.train)}}
+
+
+def export_model(model, tok, dest: Path, info, files: dict | None = None) -> bool:
+    """save_pretrained + tokenizer (+ `files`: name -> JSON) into `dest`, written beside it and renamed into
+    place. Collective under FSDP (gathers weights); True on the rank that wrote."""
     from distill_pipe.trainer import fsdp_modules
 
     if fsdp_modules(model):
@@ -209,43 +326,38 @@ def export_model(model, tok, dest: Path, info, note: dict | None = None) -> None
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not info.is_main:
-            return
+            return False
         plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
         plain.load_state_dict(state)
     elif not info.is_main:
-        return
+        return False
     else:
         plain = model
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f".tmp-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     was_training = plain.training
     models.save_pretrained_quietly(plain, tmp)
     plain.train(was_training)
     tok.save_pretrained(tmp)
-    if note is not None:
-        (tmp / "distill_pipe.json").write_text(json.dumps(note, indent=2, default=str))
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    for name, content in (files or {}).items():
+        (tmp / name).write_text(json.dumps(content, indent=2, default=str))
     if dest.exists():
-        os.replace(dest, old)
+        shutil.rmtree(dest)
     os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
-def _write_metrics(path: Path, trainer: DistillTrainer, result: dict, scfg: StudentConfig, init_info: dict,
-                   source: dict, vocab: int) -> None:
-    best, final = trainer.best_eval or {}, result["final_eval"] or {}
-    metrics = {
-        "best_eval_loss": best.get("eval_loss"), "best_eval_ppl": best.get("eval_ppl"), "best_step": best.get("step"),
-        "final_eval_loss": final.get("eval_loss"), "final_eval_ppl": final.get("eval_ppl"),
-        "steps": result["steps"], "total_steps": result["total_steps"], "tokens": result["tokens"],
-        "tokens_per_s": result["tokens_per_s"], "train_seconds": result["train_seconds"],
-        "early_stopped": result["early_stopped"], "world_size": trainer.info.world_size,
-        "global_batch": trainer.global_batch, "vocab_compared": vocab,
-        "data": {"kind": source["kind"], "path": source["path"], **source["identity"]},
-        "student": {"name": scfg.name, "init": scfg.init, "init_info": init_info,
-                    "train": dataclasses.asdict(scfg.train)},
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+def _symlink_atomic(link: Path, target: str) -> None:
+    """Point `link` at `target` (relative) by renaming a new link over it: never absent, never half-made."""
+    tmp = link.with_name(f".{link.name}.link-tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    if link.is_dir() and not link.is_symlink():  # a folder left by an earlier version of distill-pipe
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)

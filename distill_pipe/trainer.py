@@ -13,7 +13,8 @@ transformers#37766). Evaluation uses the same normalisation: sum over all eval t
 Checkpoints (every save_steps) hold model, optimizer, scheduler, RNG states, step (which fixes the data
 position), early-stopping state and the run's config fingerprint; they are written to a temporary folder
 and renamed, and the `latest` pointer file is replaced atomically, so a kill during a save leaves the
-previous checkpoint usable. torch.distributed.checkpoint (DCP) writes model and optimizer (sharded under
+previous checkpoint usable. Folders are ordered by step number (never as strings); each holds a copy of
+history/ up to its step, restored on resume. torch.distributed.checkpoint (DCP) writes model and optimizer (sharded under
 FSDP).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -135,11 +137,13 @@ class Trainer:
     data: {"train": (N, L) int array, "validation": (M, L) int array} (numpy or zarr), the token ids.
     out_dir: where `checkpoints/` and `history/` go. fingerprint: what made this run (checked on resume).
     on_best(trainer): called on every rank when the eval loss improves (e.g. to export the model).
+    on_checkpoint(trainer): called on every rank after each checkpoint is complete.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data: dict, *, out_dir: str | Path,
                  info: DistInfo | None = None, fingerprint: dict | None = None,
-                 on_best: Callable[[Trainer], None] | None = None, show_progress: bool = True):
+                 on_best: Callable[[Trainer], None] | None = None,
+                 on_checkpoint: Callable[[Trainer], None] | None = None, show_progress: bool = True):
         self.model, self.cfg, self.data = model, cfg, data
         self.info = info or DistInfo(0, 1, 0, torch.device("cpu"))
         self.device = self.info.device
@@ -147,6 +151,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.fingerprint = fingerprint or {}
         self.on_best = on_best
+        self.on_checkpoint = on_checkpoint
         self.show_progress = show_progress
         self.fsdp = bool(fsdp_modules(model))
         if self.fsdp:
@@ -380,6 +385,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint folders, oldest first, ordered by step NUMBER (step-1000000 after step-999999)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = [(checkpoint_step(p.name), p) for p in self.ckpt_dir.iterdir() if p.is_dir()]
+        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
     def latest_checkpoint(self) -> Path | None:
         pointer = self.ckpt_dir / "latest"
         if not pointer.exists():
@@ -411,6 +423,11 @@ class Trainer:
         torch.save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
         dd.barrier()
         if self.info.is_main:
+            # The history up to this step travels with the checkpoint: a resume restores it exactly.
+            if (self.out_dir / "history").is_dir():
+                shutil.copytree(self.out_dir / "history", tmp / "history")
+            best_step = self.best_eval["step"] if self.best_eval else None
+            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "best_step": best_step}))
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                      "scheduler": self.scheduler.state_dict(), "early_stopping": self.early.state(),
                      "last_eval": self.last_eval, "best_eval": self.best_eval, "world_size": self.info.world_size,
@@ -423,10 +440,12 @@ class Trainer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.ckpt_dir / "latest", name)
-            kept = sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
-            for old in kept[:-self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old in self.checkpoints()[:-self.cfg.keep_last]:
+                if old != final:  # never the one `latest` names
+                    shutil.rmtree(old, ignore_errors=True)
         dd.barrier()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -435,8 +454,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = torch.load(path / "trainer.pt", weights_only=False)
-        theirs, ours = _flatten(state.get("fingerprint", {})), _flatten(self.fingerprint)
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<unset>") != ours.get(k, "<unset>"))
+        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
         if diff:
             raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)} "
                                   f"differ); delete {self.ckpt_dir} or restore the old params to resume")
@@ -453,7 +471,11 @@ class Trainer:
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         if self.info.is_main:
-            self._truncate_history(self.step)
+            if (path / "history").is_dir():  # the history as it was at the checkpoint
+                shutil.rmtree(self.out_dir / "history", ignore_errors=True)
+                shutil.copytree(path / "history", self.out_dir / "history")
+            else:  # a checkpoint of an earlier version: drop rows written after it
+                self._truncate_history(self.step)
         dd.barrier()
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
@@ -471,6 +493,24 @@ def _single_process_dcp_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def checkpoint_step(name: str) -> int | None:
+    """'step-000012' -> 12; None for anything else (temp folders, `latest`, exports)."""
+    if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+        return int(name[len(CHECKPOINT_PREFIX):])
+    return None
+
+
+def checkpoint_fingerprint(path: Path) -> dict:
+    """The config fingerprint a checkpoint was made with."""
+    return torch.load(path / "trainer.pt", weights_only=False).get("fingerprint", {})
+
+
+def fingerprint_diff(theirs: dict, ours: dict) -> list[str]:
+    """Flattened keys whose values differ between two run fingerprints."""
+    theirs, ours = _flatten(theirs), _flatten(ours)
+    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<unset>") != ours.get(k, "<unset>"))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

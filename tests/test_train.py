@@ -97,7 +97,8 @@ def test_kd_student_outputs_load_and_generate(proj):
     assert all(float(r["kl"]) > 0 for r in train_rows)
     best = min(eval_rows, key=lambda r: float(r["eval_loss"]))
     assert m["best_step"] == int(best["step"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["exports", "latest", "step-000002", "step-000004"]
+    assert (out / "model").is_symlink() and (out / "metrics.json").is_symlink()
     assert json.loads((out / "init.json").read_text())["kind"] == "config"
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
