@@ -110,7 +110,7 @@ class TeacherLogitsConfig:
     def validate(self, p: str) -> None:
         _check(self.batch_size >= 1, f"{p}.batch_size must be >= 1, got {self.batch_size}")
         _check(self.shard_size >= 1, f"{p}.shard_size must be >= 1, got {self.shard_size}")
-        codecs = ("factored", "dense-bf16", "dense-u8")
+        codecs = ("factored", "dense-bf16", "dense-u8", "sampled", "topk")
         _check(self.codec in codecs, f"{p}.codec must be one of {', '.join(codecs)}; got {self.codec!r}")
 
 

@@ -17,6 +17,17 @@ fp32, and stores the gradient in the student logits' dtype; backward only scales
 chunk is formed exactly once (the factored codec pays a matmul per chunk), and the extra memory is
 O(C*V) fp32 plus one (N, V) gradient in the student dtype: never a full (N, V) fp32 tensor.
 A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
+
+Sparse targets (`sampled`, `topk` stores): the teacher function returns `SparseTargets` instead of (C, V)
+logits: K ids per position with teacher probabilities w_k at T, optionally a "rest" bucket of mass m that is
+matched to the student's own mass outside the ids, q_rest = 1 - sum_k q_k. Then
+
+    KL  = const - sum_k w_k log q_T(id_k) - m log q_rest        (const = sum p log p, stored by the codec)
+    dKL/d(z/T) = (sum_k w_k + m) q_T - scatter(w) - m * q_T * [v not in ids] / q_rest
+
+gathered from the student's log-probs in the same chunk pass (at T = 1 the CE term's log_softmax is reused),
+so no (N, V) or (C, V) teacher tensor is ever formed. With K draws from p_T stored as unique ids and counts,
+w = counts / draws and E[w] = p_T: the gradient is unbiased for the dense one (tests/test_losses.py).
 """
 
 from __future__ import annotations
@@ -32,9 +43,48 @@ from torch.autograd.function import once_differentiable
 IGNORE_INDEX = -100
 """Target value of positions excluded from every term and from the token count."""
 
-TeacherLogitsFn = Callable[[int, int], torch.Tensor]
+
+
+@dataclass
+class SparseTargets:
+    """Sparse teacher targets of C positions at the training temperature (K ids each).
+
+    ids_CK: int64 token ids; padding slots hold any valid id with probability 0.
+    probs_CK: float32 teacher probabilities at T of those ids (an unbiased estimate for a sampled store).
+    rest_C: float32 teacher mass outside the ids, matched by one bucket to the student's mass outside them;
+    None when the ids carry all the mass (sampled).
+    neg_entropy_C: float32 sum p log p of the teacher at T (the KL's constant; gradients do not depend on it).
+    """
+
+    ids_CK: torch.Tensor
+    probs_CK: torch.Tensor
+    rest_C: torch.Tensor | None
+    neg_entropy_C: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids_CK.shape[0]
+
+    def select(self, rows: torch.Tensor) -> SparseTargets:
+        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+        return SparseTargets(pick(self.ids_CK), pick(self.probs_CK), pick(self.rest_C), pick(self.neg_entropy_C))
+
+    def within_vocab(self, vocab_size: int) -> SparseTargets:
+        """Ids at or beyond `vocab_size` (a teacher's padded vocabulary) leave the target (probability 0)."""
+        out = self.ids_CK >= vocab_size
+        if not out.any():
+            return self
+        return SparseTargets(self.ids_CK.masked_fill(out, 0), self.probs_CK.masked_fill(out, 0.0), self.rest_C,
+                             self.neg_entropy_C)
+
+    def to(self, device) -> SparseTargets:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SparseTargets(move(self.ids_CK), move(self.probs_CK), move(self.rest_C), move(self.neg_entropy_C))
+
+
+TeacherLogitsFn = Callable[[int, int], "torch.Tensor | SparseTargets"]
 """(start, end) -> float32 (end - start, V): teacher logits, up to an additive constant per row, of the
-flattened positions [start, end), on the student's device. May contain -inf (zero probability)."""
+flattened positions [start, end), on the student's device. May contain -inf (zero probability).
+Or SparseTargets of those positions (already at the training temperature)."""
 
 
 @dataclass
@@ -206,12 +256,21 @@ class _HybridSums(torch.autograd.Function):
             y_C1 = targets_N.index_select(0, rows_C).unsqueeze(1).long()
             logp_CV = z_CV.log_softmax(-1)  # student at T=1
             ce += -logp_CV.gather(1, y_C1).sum()
+            t = teacher_logits_fn(start, end) if teacher_logits_fn is not None else None
+            if isinstance(t, SparseTargets):
+                kl_C, g_CV = _sparse_chunk(z_CV, logp_CV, y_C1, t, start, end, rows_C, ce_weight,
+                                           kl_weight, temperature, build_grad)
+                kl += kl_C
+                if build_grad:
+                    grad_NV.index_copy_(0, rows_C, g_CV.to(grad_NV.dtype))
+                del logp_CV, g_CV
+                continue
             if build_grad:
                 g_CV = logp_CV.exp_().scatter_add_(1, y_C1, torch.full_like(y_C1, -1, dtype=torch.float32))
                 g_CV.mul_(ce_weight)  # ce_weight * (softmax(z) - onehot(y)); logp_CV is now consumed
             del logp_CV
             if teacher_logits_fn is not None:
-                t_CV = teacher_logits_fn(start, end)
+                t_CV = t
                 assert t_CV.shape == (end - start, V), (
                     f"teacher logits for [{start}, {end}) are {tuple(t_CV.shape)}, expected {(end - start, V)}"
                 )
@@ -244,3 +303,40 @@ class _HybridSums(torch.autograd.Function):
         assert grad_NV is not None, "hybrid loss backward ran twice (retain_graph is not supported)"
         ctx.grad_NV = None
         return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None
+
+
+def _sparse_chunk(z_CV, logp_CV, y_C1, t: SparseTargets, start, end, rows_C, ce_weight, kl_weight,
+                  temperature, build_grad) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(KL sum of the chunk, its gradient of ce_weight*CE + kl_weight*KL w.r.t. z (C, V) or None).
+
+    logp_CV: the student's log_softmax at T=1 (the CE term's); consumed (it becomes the gradient)."""
+    assert len(t) == end - start, f"sparse targets for [{start}, {end}) hold {len(t)} positions"
+    if len(rows_C) < end - start:
+        t = t.select(rows_C - start)
+    same_t = temperature == 1.0  # then the CE term's log-probs are the KL term's too: one exp for both
+    log_q_CV = logp_CV if same_t else (z_CV / temperature).log_softmax(-1)
+    ids_CK, w_CK = t.ids_CK.long(), t.probs_CK.float()
+    kl_C = t.neg_entropy_C.float() - (w_CK * log_q_CV.gather(1, ids_CK)).sum(-1)
+    rest_CV = None
+    if t.rest_C is not None:
+        m_C1 = t.rest_C.float().unsqueeze(1)
+        rest_CV = log_q_CV.scatter(1, ids_CK, -math.inf)  # the student's log-probs outside the ids
+        log_q_rest_C1 = rest_CV.logsumexp(-1, keepdim=True)
+        # 0 * log 0 = 0: no teacher mass in the bucket costs nothing, whatever the student puts there.
+        kl_C = kl_C - (m_C1 * log_q_rest_C1).masked_fill_(m_C1 == 0, 0.0).squeeze(1)
+    kl = kl_C.sum()
+    if not build_grad:
+        return kl, None
+    mass_C1 = w_CK.sum(-1, keepdim=True) + (0.0 if rest_CV is None else m_C1)
+    scale = kl_weight / temperature  # d(kl_weight * KL)/dz = kl_weight / T * dKL/d(z/T)
+    if rest_CV is not None:  # - m * q_v / q_rest for v outside the ids (exp(-inf) = 0 at the ids)
+        rest_CV.sub_(log_q_rest_C1.clamp_min(torch.finfo(torch.float32).min)).exp_().mul_(m_C1 * -scale)
+    if same_t:
+        g_CV = logp_CV.exp_().mul_(ce_weight + scale * mass_C1)
+    else:
+        g_CV = log_q_CV.exp_().mul_(scale * mass_C1).add_(logp_CV.exp_(), alpha=ce_weight)
+    g_CV.scatter_add_(1, y_C1, torch.full_like(y_C1, -ce_weight, dtype=torch.float32))
+    g_CV.scatter_add_(1, ids_CK, w_CK * -scale)
+    if rest_CV is not None:
+        g_CV.add_(rest_CV)
+    return kl, g_CV

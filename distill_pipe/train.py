@@ -25,7 +25,8 @@ import torch
 from distill_pipe import distributed as dd
 from distill_pipe import models
 from distill_pipe.config import Config, StudentConfig
-from distill_pipe.trainer import CheckpointError, DistillTrainer, Trainer, checkpoint_step
+from distill_pipe.trainer import (CheckpointError, DistillTrainer, Trainer, check_store_temperature,
+                                  checkpoint_step)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
         raise CheckpointError(f"{ckpt_dir} holds a checkpoint of an earlier run; pass --resume to continue it, "
                               f"or delete {out} to start over")
     source = _open_data(cfg, tc)
+    check_store_temperature(source.get("store"), tc)  # before anything in `out` is touched
     data = source["data"]
     if data["validation"].shape[0] == 0:
         raise TrainError(f"the validation split of {source['path']} is empty: evaluation and early stopping "

@@ -41,7 +41,8 @@ from torch import nn
 from distill_pipe import distributed as dd
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo
-from distill_pipe.losses import IGNORE_INDEX, LossSums, count_targets, hybrid_loss, shift_for_next_token
+from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, hybrid_loss,
+                                shift_for_next_token)
 
 log = logging.getLogger(__name__)
 
@@ -561,6 +562,7 @@ class DistillTrainer(Trainer):
         if cfg.alpha < 1 and store is None:
             raise ConfigError(f"train.alpha={cfg.alpha} < 1 needs the teacher-logit store; run "
                               "`distill-pipe teacher-logits` or set alpha: 1")
+        check_store_temperature(store, cfg)
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
         self.vocab_size = vocab_size
@@ -576,11 +578,21 @@ class DistillTrainer(Trainer):
         elif self.cfg.alpha < 1:
             tb = self.store.teacher_batch(batch.split, batch.indices).to(self.device)
 
-            def teacher_fn(start: int, end: int) -> torch.Tensor:
+            def teacher_fn(start: int, end: int) -> torch.Tensor | SparseTargets:
+                if tb.codec.sparse:  # a few ids per position, gathered from the student's log-probs: no (N, V)
+                    return tb.sparse_targets(start, end, self.cfg.temperature).within_vocab(V)
                 return tb.logits(start, end)[:, :V]
 
         return hybrid_loss(logits_NV, targets_N, teacher_fn, alpha=self.cfg.alpha,
                            temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
+
+
+def check_store_temperature(store, cfg: TrainConfig) -> None:
+    """ConfigError when KD at cfg.temperature would read targets the store does not hold (e.g. a sampled store
+    drawn at another temperature); CE-only training (alpha == 1) never reads the store."""
+    problem = store.codec.check_temperature(cfg.temperature) if store is not None and cfg.alpha < 1 else None
+    if problem:
+        raise ConfigError(problem)
 
 
 def _no_teacher(start: int, end: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from distill_pipe.config import TrainConfig
 from distill_pipe.losses import IGNORE_INDEX, shift_for_next_token
+from distill_pipe.store.codecs import DenseBF16Codec
 from distill_pipe.trainer import CheckpointError, DistillTrainer
 
 V, L = 64, 16
@@ -331,6 +332,8 @@ def test_no_early_stop_without_patience(tmp_path, monkeypatch):
 
 
 class FakeTeacherBatch:
+    codec = DenseBF16Codec()  # a dense codec: the trainer reads it through logits()
+
     def __init__(self, logits_NV: torch.Tensor):
         self.logits_NV = logits_NV
 
@@ -347,6 +350,8 @@ class FakeTeacherBatch:
 
 class FakeStore:
     """Dense teacher logits (N, L, Vt) per split; records which sequences were read."""
+
+    codec = DenseBF16Codec()
 
     def __init__(self, logits: dict[str, torch.Tensor]):
         self.logits, self.reads = logits, []

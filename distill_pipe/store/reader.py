@@ -55,6 +55,12 @@ class TeacherBatch:
             raise ValueError(f"positions [{start}, {end}) are outside this batch's [0, {self.num_positions})")
         return self.codec.decode({k: v[start:end] for k, v in self.payload.items()}, self.head)
 
+    def sparse_targets(self, start: int, end: int, temperature: float):
+        """losses.SparseTargets of flattened positions [start, end) at `temperature` (sparse codecs only)."""
+        if not 0 <= start <= end <= self.num_positions:
+            raise ValueError(f"positions [{start}, {end}) are outside this batch's [0, {self.num_positions})")
+        return self.codec.sparse_targets({k: v[start:end] for k, v in self.payload.items()}, temperature)
+
 
 class LogitStore:
     """An opened logit store. Use `open_store` / `create_store` rather than the constructor."""

@@ -101,6 +101,16 @@ def head_from_model(model) -> dict:
 class Codec:
     name: str
     input_kind: str
+    sparse = False
+    """True for codecs read through `sparse_targets` (a few ids per position) rather than `decode`."""
+
+    def check_temperature(self, temperature: float) -> str | None:
+        """Why training at `temperature` from this codec's store would be wrong (a one-line fix), or None."""
+        return None
+
+    def sparse_targets(self, payload: dict[str, torch.Tensor], temperature: float):
+        """Sparse codecs: payload rows (P, ...) -> losses.SparseTargets at `temperature`."""
+        raise NotImplementedError(f"{self.name} is not a sparse codec")
 
     @property
     def params(self) -> dict:

@@ -1,0 +1,54 @@
+"""What the sparse codecs (`sampled`, `topk`) share: id dtype, the temperature they represent, the refusal."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from distill_pipe.store.codecs.base import Codec
+
+
+class SparseCodec(Codec):
+    """A codec whose targets are a few token ids per position, read by the sparse loss (never as (P, V)).
+
+    temperature: the temperature Ts the stored target represents. `decode` returns logits l with
+    softmax(l / Ts) = that target, so dense consumers see it only at T = Ts.
+    """
+
+    input_kind = "logits"
+    sparse = True
+
+    def __init__(self, temperature: float):
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"{self.name}: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.vocab_size: int | None = None  # set by payload_specs (the store calls it when opened or created)
+
+    def decode_vocab(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError(f"{self.name}: decode needs the vocabulary size; call payload_specs(V, d) first "
+                             "(an opened store's codec has it)")
+        return self.vocab_size
+
+    @staticmethod
+    def ids_dtype(vocab_size: int) -> np.dtype:
+        return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+    def temperatures(self) -> tuple[float, ...]:
+        """Training temperatures whose targets this store represents exactly."""
+        return (self.temperature,)
+
+    def check_temperature(self, temperature: float) -> str | None:
+        ok = self.temperatures()
+        if any(abs(temperature - t) <= 1e-6 * t for t in ok):
+            return None
+        shown = " or ".join(f"{t:g}" for t in ok)
+        return (f"the store's {self.name} codec represents the teacher at temperature {shown} only, not "
+                f"train.temperature={temperature:g}: set train.temperature {shown}, or rerun `distill-pipe "
+                f"teacher-logits` with teacher_logits.codec_params.temperature={temperature:g}")
+
+    def require_temperature(self, temperature: float) -> None:
+        problem = self.check_temperature(temperature)
+        if problem:
+            raise ValueError(problem)
