@@ -74,12 +74,15 @@ def prepare(params: ParamsOpt = None, set_: SetOpt = None):
 def teacher_logits(params: ParamsOpt = None, set_: SetOpt = None,
                    overwrite: Annotated[bool, typer.Option(help="replace an existing store")] = False,
                    replace_changed: Annotated[bool, typer.Option(
-                       help="replace the store only if it was made from other inputs, else resume it (dvc.yaml)")] = False):
-    """Run the teacher over tokens.zarr and write its compressed logits to the store (resumable)."""
+                       help="replace the store only if it was made from other inputs, else resume it (dvc.yaml)")] = False,
+                   repair: Annotated[bool, typer.Option(
+                       help="verify every shard, recompute only those that fail, verify again")] = False):
+    """Run the teacher over tokens.zarr and write its compressed logits to the store (resumable, repairable)."""
     from distill_pipe.teacher import run_teacher_logits
 
     with _process_group():
-        run_teacher_logits(_config(params, set_), overwrite=overwrite, replace_changed=replace_changed)
+        run_teacher_logits(_config(params, set_), overwrite=overwrite, replace_changed=replace_changed,
+                           repair=repair)
 
 
 @command

@@ -7,6 +7,8 @@ The unit of work, of writing and of resume is a shard (`teacher_logits.shard_siz
 Ranks take disjoint shards, round robin over the shards still missing a completion record, and step in
 lockstep (FSDP all-gathers parameters in every forward): a rank that runs out of work runs throwaway
 forwards until every rank is done. Killed at any point, a rerun computes only the missing shards.
+`--repair` first verifies every finished shard and recomputes only those that fail (corrupt, truncated,
+deleted or wrong values), then verifies the whole store.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from distill_pipe.config import Config
 from distill_pipe.data import DataError, open_tokens
 from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
+from distill_pipe.store.format import StoreCorruptError
+from distill_pipe.store.writer import clear_shard, rewrite_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +41,11 @@ class TeacherError(ValueError):
     """A teacher/tokens/store mismatch; the message names the problem and the fix."""
 
 
-def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bool = False) -> str:
+def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bool = False,
+                       repair: bool = False) -> str:
     """overwrite: replace any existing store. replace_changed: replace it only if it was made from other
-    inputs (what `dvc repro` wants after a param change), resume it otherwise."""
+    inputs (what `dvc repro` wants after a param change), resume it otherwise. repair: verify every finished
+    shard first and recompute those that fail (see `_repair`), then verify the whole store again."""
     dist = distributed.init_distributed()
     tokens = open_tokens(cfg.paths.tokens)
     t_attrs = dict(tokens.attrs)
@@ -76,6 +82,8 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     store = open_store(out, mode="r+")
     codec = store.codec  # carries what the store recorded (e.g. a fitted transform), also when resuming
 
+    if repair:
+        _repair(store, tokens, dist)
     model = _prepare_model(model, dtype, dist)
     jobs = [(split, k) for split in store.splits for k in range(store.num_shards(split))
             if k not in store.completed_shards(split)]
@@ -89,7 +97,48 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
         missing = {s: store.num_shards(s) - len(store.completed_shards(s)) for s in store.splits}
         assert not any(missing.values()), f"shards still missing after the run: {missing}"
         log.info("wrote %s (%s)", out, ", ".join(f"{s}: {store.num_sequences(s)} sequences" for s in store.splits))
+    if repair:
+        failures = _verify_share(store, dist)
+        if failures:
+            raise StoreCorruptError(f"{out}: {len(failures)} shard(s) still fail after the repair, e.g. "
+                                    f"{failures[0][0]} shard {failures[0][1]}: {failures[0][2]}")
+        if dist.is_main:
+            log.info("repair: every shard of %s verified (checksums, values, decoded samples)", out)
     return out
+
+
+def _verify_share(store, dist) -> list[tuple[str, int, str]]:
+    """store.verify() of every shard, split round robin over the ranks; every rank gets all failures."""
+    pairs = [(s, k) for s in store.splits for k in range(store.num_shards(s))]
+    mine = store.verify(shards=pairs[dist.rank :: dist.world_size])
+    return [f for part in distributed.all_gather_object(mine) for f in part] if dist.distributed else mine
+
+
+def _repair(store, tokens, dist) -> None:
+    """Verify this rank's share of the finished shards (checksums, payload values, input_ids against
+    tokens.zarr, a decoded sample); for each that fails, delete its payload objects and clear its completion
+    flag, so the run below recomputes exactly those. Each rank touches only its own shards' objects."""
+    pairs = [(s, k) for s in store.splits for k in sorted(store.completed_shards(s))]
+    mine = pairs[dist.rank :: dist.world_size]
+    failures = {(s, k): why for s, k, why in store.verify(shards=mine)}
+    for s, k in mine:
+        start, stop = store.shard_range(s, k)
+        want = np.asarray(tokens[s]["input_ids"][start:stop])
+        try:
+            same = np.array_equal(np.asarray(store.input_ids(s)[start:stop]), want)
+        except Exception:  # noqa: BLE001 - unreadable: rewritten below
+            same = False
+        if not same:
+            rewrite_input_ids(store, s, k, want)
+            failures.setdefault((s, k), "input_ids differ from tokens.zarr")
+    for (s, k), why in sorted(failures.items()):
+        log.warning("repair: %s shard %d fails (%s): recomputing it", s, k, why)
+        clear_shard(store, s, k)
+    n = int(distributed.all_reduce(len(failures), op="sum")) if dist.distributed else len(failures)
+    distributed.barrier()
+    if dist.is_main:
+        log.info("repair: %d of %d finished shards failed verification", n, sum(
+            len(store.completed_shards(s)) for s in store.splits) + n)
 
 
 def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:

@@ -21,6 +21,8 @@ INPUT_IDS_ARRAY = "input_ids"
 # Inner chunks of payload arrays hold at most this many bytes (uncompressed).
 INNER_CHUNK_BYTES = 2 * 2**20
 RESUME_HINT = "rerun `distill-pipe teacher-logits` to finish them"
+# The one command that verifies every shard and recomputes only the broken ones (teacher.py).
+REPAIR_HINT = "repair the store with `distill-pipe teacher-logits --repair`"
 
 
 class StoreError(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from distill_pipe.store.format import DONE_ARRAY, HEAD_GROUP, INPUT_IDS_ARRAY, format_ranges
+from distill_pipe.store.format import DONE_ARRAY, HEAD_GROUP, INPUT_IDS_ARRAY, REPAIR_HINT, format_ranges
 from distill_pipe.store.reader import LogitStore, is_url
 from distill_pipe.store.writer import RESERVED_ATTRS
 
@@ -79,7 +79,7 @@ def describe(store: LogitStore, verify: bool = False, failures: list | None = No
     if verify or failures is not None:
         failures = store.verify() if failures is None else failures
         if failures:
-            lines.append(f"verify      FAILED: {len(failures)} shard(s)")
+            lines.append(f"verify      FAILED: {len(failures)} shard(s); {REPAIR_HINT}")
             lines += [f"  {s} shard {k}: {err}" for s, k, err in failures]
         else:
             lines.append("verify      ok: every shard read, decompressed and checked")

@@ -18,7 +18,7 @@ from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, Head, make_codec
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
                                        NotAStoreError, StoreCorruptError, StoreError, StoreIncompleteError,
-                                       StoreVersionError, incomplete_message, shard_key)
+                                       REPAIR_HINT, StoreVersionError, incomplete_message, shard_key)
 
 
 def is_url(path_or_url) -> bool:
@@ -207,6 +207,11 @@ class LogitStore:
             raise StoreIncompleteError(f"{self.location}: " + incomplete_message(split, missing,
                                                                                  self.num_shards(split)))
 
+    def forget_shard(self, split: str, k: int) -> None:
+        """Drop what this object cached about shard k (after its flag was cleared and objects deleted)."""
+        self._known_done.get(split, set()).discard(k)
+        self._present = {(path, j) for path, j in self._present if not (j == k and path.startswith(f"{split}/"))}
+
     # ---- payload --------------------------------------------------------------------------------
     def _read_shard_rows(self, split: str, k: int, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Payload rows (sorted global sequence indices, all inside shard k) -> name -> (n, L, ...)."""
@@ -227,8 +232,7 @@ class LogitStore:
                     out[name] = arr.oindex[rows]
             except Exception as e:  # any failure to fetch or decompress one shard object
                 raise StoreCorruptError(f"{self.location}: {split} shard {k} is corrupt ({key}: "
-                                        f"{type(e).__name__}: {e}); delete it and rerun "
-                                        "`distill-pipe teacher-logits`") from e
+                                        f"{type(e).__name__}: {e}); {REPAIR_HINT}") from e
         return out
 
     def teacher_batch(self, split: str, indices: Sequence[int]) -> TeacherBatch:
@@ -255,28 +259,51 @@ class LogitStore:
         """(L, V) float32 log_softmax at T=1 of sequence i."""
         return torch.log_softmax(self.teacher_batch(split, [i]).logits(), -1)
 
-    def verify(self, split: str | None = None) -> list[tuple[str, int, str]]:
-        """Read and decompress every shard (checksums) and sanity-check its payload.
+    def verify(self, split: str | None = None, shards: Sequence[tuple[str, int]] | None = None,
+               sample_positions: int = 8) -> list[tuple[str, int, str]]:
+        """Read and decompress every shard (crc32c checksums), sanity-check its payload and input_ids, and
+        decode `sample_positions` positions of it to logits (for factored: the matmul with the head).
 
+        shards: only these (split, shard) pairs (default: all of `split`, or of every split).
         Returns (split, shard, problem) for each failing or unfinished shard; the others still read.
         """
+        if shards is None:
+            shards = [(s, k) for s in (self.splits if split is None else [split]) for k in range(self.num_shards(s))]
+        done = {s: self.completed_shards(s) for s in {s for s, _ in shards}}
         failures = []
-        for s in self.splits if split is None else [split]:
-            done = self.completed_shards(s)
-            for k in range(self.num_shards(s)):
-                if k not in done:
-                    failures.append((s, k, "not written (incomplete)"))
-                    continue
-                start, stop = self.shard_range(s, k)
-                try:
-                    rows = self._read_shard_rows(s, k, np.arange(start, stop))
-                except StoreCorruptError as e:
-                    failures.append((s, k, str(e)))
-                    continue
-                problem = self.codec.check_payload(rows)
-                if problem:
-                    failures.append((s, k, problem))
+        for s, k in shards:
+            if k not in done[s]:
+                failures.append((s, k, "not written (incomplete)"))
+                continue
+            start, stop = self.shard_range(s, k)
+            try:
+                rows = self._read_shard_rows(s, k, np.arange(start, stop))
+                ids = np.asarray(self.input_ids(s)[start:stop])
+            except StoreCorruptError as e:
+                failures.append((s, k, str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - input_ids unreadable
+                failures.append((s, k, f"input_ids rows {start}-{stop - 1} unreadable ({type(e).__name__}: {e})"))
+                continue
+            problem = self.codec.check_payload(rows) or self._check_decoded(rows, sample_positions, seed=k)
+            if problem is None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                problem = f"input_ids hold ids outside the vocabulary [0, {self.vocab_size})"
+            if problem:
+                failures.append((s, k, problem))
         return failures
+
+    def _check_decoded(self, rows: dict[str, np.ndarray], n: int, seed: int) -> str | None:
+        """Decode n random positions of a shard's payload rows to logits: each needs a finite max, no NaN."""
+        if n <= 0:
+            return None
+        flat = {name: a.reshape(-1, *a.shape[2:]) for name, a in rows.items()}
+        total = next(iter(flat.values())).shape[0]
+        pick = np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)
+        logits_PV = self.codec.decode({name: torch.from_numpy(np.ascontiguousarray(a[pick]))
+                                       for name, a in flat.items()}, self.head)
+        if torch.isnan(logits_PV).any() or not torch.isfinite(logits_PV.max(-1).values).all():
+            return f"decoded logits of {len(pick)} sampled positions hold NaN or no finite value"
+        return None
 
     def __repr__(self) -> str:
         return f"LogitStore({self.location!r}, codec={self.codec}, splits={self.splits})"

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, make_codec
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
-                                       StoreError, inner_chunk_len, num_shards_for)
+                                       StoreError, inner_chunk_len, num_shards_for, shard_key)
 from distill_pipe.store.reader import LogitStore, open_group, open_store
 
 RESERVED_ATTRS = ("format", "format_version", "codec", "shard_size", "seq_len", "vocab_size", "hidden_size",
@@ -147,6 +148,24 @@ def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
     for name, a in arrays.items():
         store.array(split, name)[start:stop] = a
     store.array(split, DONE_ARRAY)[k] = 1
+
+
+def clear_shard(store: LogitStore, split: str, k: int) -> None:
+    """Mark shard k unwritten (flag first, so a kill leaves it 'to compute') and delete its payload objects,
+    so the next write starts from nothing (a partial last shard would otherwise be read, corrupt, and merged)."""
+    store.array(split, DONE_ARRAY)[k] = 0
+    for name in store.payload_names:
+        arr = store.array(split, name)
+        sync(arr.store_path.store.delete(shard_key(arr.path, k, arr.ndim)))
+    store.forget_shard(split, k)
+
+
+def rewrite_input_ids(store: LogitStore, split: str, k: int, rows: np.ndarray) -> None:
+    """Replace shard k's input_ids rows (their own chunk), deleting the chunk first: it may be unreadable."""
+    arr = store.input_ids(split)
+    sync(arr.store_path.store.delete(shard_key(arr.path, k, arr.ndim)))
+    start, stop = store.shard_range(split, k)
+    arr[start:stop] = rows.astype(np.int32)
 
 
 class ShardWriter:
