@@ -89,6 +89,7 @@ def run_evaluate(cfg: Config) -> Path:
         if not (folder / "model" / "config.json").is_file():
             raise EvaluateError(f"student {name} has no trained model in {folder / 'model'}; run "
                                 f"`distill-pipe train --student {name}` (or `dvc repro`)")
+        check_student_lineage(name, folder, store)
         model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32).eval()
         v = _compared_vocab(model.config.vocab_size, store)
         results[name] = {"alpha": scfg.train.alpha, "temperature": scfg.train.temperature,
@@ -111,6 +112,29 @@ def run_evaluate(cfg: Config) -> Path:
     log.info("wrote %s, %s, %s and %s", out / "metrics.json", out / "report.md", out / "curves.csv",
              out / "chart.png")
     return out
+
+
+def check_student_lineage(name: str, folder: Path, store) -> None:
+    """The student must have trained on the data this store holds (else its validation split may be the
+    student's training data): a KD student on this store (same teacher, data, codec), a CE-only student on
+    the tokens the store was made from. Compares the identities train wrote into metrics.json."""
+    try:
+        trained_on = json.loads((folder / "metrics.json").read_text())["data"]
+    except (OSError, ValueError, KeyError):
+        raise EvaluateError(f"student {name} has no readable {folder / 'metrics.json'}; rerun "
+                            f"`distill-pipe train --student {name}` (or `dvc repro`)") from None
+    info = store.info
+    if "tokens" in trained_on:  # CE only: trained on tokens.zarr
+        theirs, ours = {"data": trained_on["tokens"]}, {"data": info["data"]["fingerprint"]}
+    else:
+        theirs, ours = ({"teacher": (d.get("teacher") or {}).get("fingerprint"),
+                         "data": (d.get("data") or {}).get("fingerprint"),
+                         "codec": json.dumps(d.get("codec"), sort_keys=True)} for d in (trained_on, info))
+    differ = [k for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise EvaluateError(f"student {name} was trained on another {'/'.join(differ)} than {store.location} "
+                            f"holds, so its validation split is not held out; retrain it with `distill-pipe train "
+                            f"--student {name}` (or `dvc repro`)")
 
 
 def _compared_vocab(model_vocab: int, store) -> int:

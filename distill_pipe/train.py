@@ -150,9 +150,28 @@ def _open_data(cfg: Config, tc) -> dict:
 
     tokens = open_tokens(cfg.paths.tokens)
     attrs = dict(tokens.attrs)
+    check_tokens_match_store(cfg, attrs["fingerprint"])
     return {"kind": "tokens, CE only (alpha = 1)", "path": str(cfg.paths.tokens),
             "data": {s: tokens[s]["input_ids"] for s in splits}, "tokenizer": attrs["tokenizer"],
             "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"]}}
+
+
+def check_tokens_match_store(cfg: Config, fingerprint: str) -> None:
+    """CE-only training reads tokens.zarr, but `evaluate` scores on the store's validation split: if tokens.zarr
+    is not the data the store was made from, those splits overlap this student's training data and its score
+    is inflated. No store yet: nothing to check here (evaluate checks each student's lineage)."""
+    from distill_pipe.store import NotAStoreError, open_store
+
+    try:
+        store = open_store(cfg.paths.logits)
+    except NotAStoreError:
+        return
+    made_from = (store.info.get("data") or {}).get("fingerprint")
+    if made_from != fingerprint:
+        raise TrainError(f"{cfg.paths.tokens} ({fingerprint}) is not the data {cfg.paths.logits} was made from "
+                         f"({made_from}), so evaluation would score on sequences this student trains on; rerun "
+                         "`distill-pipe teacher-logits --replace-changed` (or `dvc repro`) for the new tokens, or "
+                         "rerun `distill-pipe prepare` with the data params the store was made from")
 
 
 def calibration_ids(train_ids, num_tokens: int) -> np.ndarray:

@@ -457,8 +457,11 @@ class Trainer:
         state = torch.load(path / "trainer.pt", weights_only=False)
         diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
         if diff:
+            what = ("; it trained on another store or tokens.zarr" if any(k.startswith("data.") for k in diff)
+                    else "")
             raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)} "
-                                  f"differ); delete {self.ckpt_dir} or restore the old params to resume")
+                                  f"differ{what}); restore the old params and data to resume, or pass "
+                                  "--auto-resume instead of --resume to keep it aside and start from step 0")
         sds = self._state_dicts()
         with _single_process_dcp_quiet():
             dcp.load(sds, checkpoint_id=str(path))
