@@ -103,7 +103,7 @@ class TeacherLogitsConfig:
     codec: str = "factored"
     """Store codec: factored | dense-bf16 | dense-u8."""
     codec_params: dict = field(default_factory=dict)
-    """Codec parameters (e.g. dense-u8: {step: 0.0625, tail_mass: 0.001})."""
+    """Codec parameters (e.g. dense-u8: {step: 0.0625, gamma: 0, tail_mass: 0.001}: a linear grid of 1/16 nat)."""
     shard_size: int = 16
     """Sequences per store shard: the unit of writing, of resume and of distribution over ranks."""
 

@@ -72,3 +72,34 @@ def test_exponent_floats_are_numbers_on_the_command_line_and_in_files(tmp_path):
 def test_float_fields_accept_ints():
     assert config_from_dict({"train": {"learning_rate": 1}}).train.learning_rate == 1.0
     assert isinstance(TrainConfig().temperature, float)
+
+
+def test_codec_examples_in_the_field_docs_are_valid():
+    """Every `codec: {params}` example in config.py's field docs builds that codec."""
+    import re
+
+    import yaml
+
+    from distill_pipe.store.codecs import CODECS, make_codec
+
+    source = (REPO / "distill_pipe" / "config.py").read_text()
+    examples = [(name, yaml.safe_load(params)) for name, params in re.findall(r"([a-z0-9-]+): (\{[^}]*\})", source)
+                if name in CODECS]
+    assert examples, "no codec example found in config.py"
+    for name, params in examples:
+        make_codec(name, **params)
+
+
+def test_installed_torch_is_in_the_declared_range_and_has_fsdp2_sum_reduction():
+    """pyproject's torch floor is the tested release; the trainer's FSDP2 calls exist in it."""
+    import tomllib
+
+    import torch
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    from torch.distributed.fsdp import FSDPModule
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert Version(torch.__version__.split("+")[0]) in req.specifier
+    assert hasattr(FSDPModule, "set_gradient_divide_factor") and hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
