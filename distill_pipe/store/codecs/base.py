@@ -67,9 +67,12 @@ class Head:
                     self.logit_scale, move(self.transform_DD), move(self._effective_VD))
 
     def logits(self, h_PD: torch.Tensor) -> torch.Tensor:
-        """(P, d) stored hidden states -> (P, V) float32 logits."""
+        """(P, d) stored hidden states -> (P, V) float32 logits, also inside an autocast region."""
         w = self.effective_weight()
-        logits_PV = h_PD.to(w.dtype) @ w.T
+        # The trainer's bf16 autocast (train.dtype bfloat16 on one device) would run h @ W.T in bf16:
+        # TV ~1e-2 to the teacher instead of ~3e-4. The teacher's targets are decoded in float32 always.
+        with torch.autocast(h_PD.device.type, enabled=False):
+            logits_PV = h_PD.to(w.dtype) @ w.T
         if self.bias_V is not None:
             logits_PV += self.bias_V.to(logits_PV.dtype)
         if self.logit_scale is not None:
@@ -103,9 +106,13 @@ class Codec:
     input_kind: str
     sparse = False
     """True for codecs read through `sparse_targets` (a few ids per position) rather than `decode`."""
+    drops_tokens: bool = False
+    """True when the stored distribution gives some tokens probability zero that the teacher did not (a
+    dropped tail, top-k, samples): the teacher's own perplexity read from such a store is not comparable."""
 
     def check_temperature(self, temperature: float) -> str | None:
-        """Why training at `temperature` from this codec's store would be wrong (a one-line fix), or None."""
+        """Why training at `temperature` from this codec's store would be wrong (a one-line fix), or None.
+        Training refuses such a temperature before any compute (trainer.check_store_temperature)."""
         return None
 
     def sparse_targets(self, payload: dict[str, torch.Tensor], temperature: float):
