@@ -54,6 +54,7 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     hf_config = models.load_config(src)
     _check_tokens(cfg, src, hf_config, tokens, t_attrs)
     codec = make_codec(cfg.teacher_logits.codec, **cfg.teacher_logits.codec_params)
+    _warn_temperatures(cfg, codec)
 
     dtype = models.DTYPES[cfg.teacher.dtype]
     model = models.load_causal_lm(src, dtype=torch.float32, device="cpu")
@@ -163,6 +164,14 @@ def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
     if fp != t_attrs["tokenizer"]["fingerprint"]:
         raise TeacherError(f"{cfg.paths.tokens} was tokenized with {t_attrs['tokenizer']['spec']}, whose tokenizer "
                            f"differs from {cfg.teacher.model}'s; rerun `distill-pipe prepare`")
+
+
+def _warn_temperatures(cfg: Config, codec) -> None:
+    """Say now, not after the teacher's compute, which students the train stage will refuse from this store."""
+    for name, scfg in cfg.students.items():
+        problem = codec.check_temperature(scfg.train.temperature) if scfg.train.alpha < 1 else None
+        if problem:
+            log.warning("student %s cannot train from this store: %s", name, problem)
 
 
 def _linear_head(model, probe_ids, codec) -> tuple[dict | None, torch.Tensor | None]:

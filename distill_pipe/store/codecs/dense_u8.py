@@ -51,6 +51,23 @@ class DenseU8Codec(Codec):
         self._table = torch.cat([r, torch.tensor([-math.inf], dtype=torch.float64)]).float()  # (256,)
 
     @property
+    def drops_tokens(self) -> bool:
+        return self.tail_mass > 0
+
+    def check_temperature(self, temperature):
+        # At T <= 1 the dropped tail's share of the mass can only shrink: the tail holds the least likely
+        # tokens, and p_i^(1/T) falls fastest for them (d/dbeta log sum_S p^beta is a p^beta-weighted mean of
+        # log p, lower on the tail than off it). Above T=1 it grows without a bound the store can give:
+        # benchmarks/codecs.py measured TV 0.012 to the teacher at T=1.25 and 0.24 at T=2 (README, Codecs).
+        if temperature <= 1:
+            return None
+        what = (f"dropped its tail (the least likely tokens, < {self.tail_mass:g} of the mass at T=1, a share "
+                "that grows with T: TV 0.24 to the teacher at T=2)" if self.tail_mass > 0 else
+                "raised the far tail to its 8-bit grid's last code, which inflates the tail above T=1")
+        return (f"train.temperature {temperature:g} needs a store that keeps the full distribution: the dense-u8 "
+                f"store {what}; use temperature <= 1, or teacher_logits.codec factored or dense-bf16")
+
+    @property
     def params(self) -> dict:
         return {"step": self.step, "tail_mass": self.tail_mass, "gamma": self.gamma,
                 "zstd_level": self.zstd_level, "exact_top_k": self.exact_top_k}
