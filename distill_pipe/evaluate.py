@@ -36,8 +36,9 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself.
 
     vocab_size: the logits compared (the tokenizer's size when a model pads its vocabulary, as in training).
-    A lossy store (dense-u8) gives some targets zero teacher probability: the teacher's perplexity is then
-    over the other targets, and their count is reported as zero_prob_targets.
+    A store that drops tokens (dense-u8's tail) gives some targets zero teacher probability: model=None then
+    sums CE over the other targets only and counts them in zero_prob_targets (run_evaluate marks that
+    perplexity as not comparable).
     """
     ce = kl = agree = 0.0
     n = n_ce = zero = 0
@@ -83,6 +84,7 @@ def run_evaluate(cfg: Config) -> Path:
     vocab = store.vocab_size
     results: dict[str, dict] = {"teacher": {"model": cfg.teacher.model,
                                             **score(None, store, indices, bs, vocab, desc="teacher")}}
+    _mark_teacher_perplexity(results["teacher"], store)
     inits: dict[str, dict] = {}
     for name, scfg in cfg.students.items():
         folder = Path(cfg.paths.train) / name
@@ -104,6 +106,7 @@ def run_evaluate(cfg: Config) -> Path:
             del init_model
         results[name]["init"] = inits[key]
 
+    _mark_teacher_at_t1(results, store)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(_flat_metrics(results), indent=2) + "\n")
     (out / "report.md").write_text(report_markdown(results, len(indices), store.seq_len))
@@ -137,6 +140,35 @@ def check_student_lineage(name: str, folder: Path, store) -> None:
                             f"--student {name}` (or `dvc repro`)")
 
 
+def _mark_teacher_perplexity(teacher: dict, store) -> None:
+    """A store that drops tokens (dense-u8's tail, top-k, samples) cannot give the teacher's perplexity: its
+    dropped targets have no probability, and the kept ones are renormalised. The figure over the kept
+    targets stays, as perplexity_kept_targets; perplexity and ce become None with the reason in the note."""
+    if not store.codec.drops_tokens:
+        return
+    teacher["perplexity_kept_targets"] = teacher["perplexity"]
+    teacher["perplexity"] = teacher["ce"] = None
+    teacher["perplexity_note"] = (
+        f"not comparable: the {store.codec.name} store drops the teacher's unlikely tokens "
+        f"({teacher['zero_prob_targets']:,} of {teacher['tokens']:,} targets had zero probability in it); "
+        f"{teacher['perplexity_kept_targets']:.2f} over the other targets. A codec that keeps the full "
+        "distribution (factored, dense-bf16) gives the teacher's perplexity")
+    log.warning("teacher perplexity %s", teacher["perplexity_note"])
+
+
+def _mark_teacher_at_t1(results: dict, store) -> None:
+    """KL to the teacher and top-1 agreement compare with the teacher at T=1: from a store that cannot give
+    T=1 (codec.temperature_error(1), e.g. tokens sampled at another temperature) they become None, noted."""
+    problem = store.codec.temperature_error(1.0)
+    if problem is None:
+        return
+    note = f"not comparable: evaluate compares with the teacher at T=1, and {problem}"
+    log.warning("KL to the teacher and top-1 agreement %s", note)
+    for r in results.values():
+        r["kl_to_teacher"] = r["top1_agreement"] = None
+        r["teacher_note"] = note
+
+
 def _compared_vocab(model_vocab: int, store) -> int:
     """As in training: all logits when student and store agree, else the tokenizer's vocabulary."""
     return store.vocab_size if model_vocab == store.vocab_size else int(store.info["tokenizer"]["vocab_size"])
@@ -159,34 +191,46 @@ def _flat_metrics(results: dict) -> dict:
     out = {}
     for name, r in results.items():
         out[name] = {k: r[k] for k in ("perplexity", "kl_to_teacher", "top1_agreement", "tokens", "zero_prob_targets")}
+        if "perplexity_kept_targets" in r:
+            out[name]["perplexity_kept_targets"] = r["perplexity_kept_targets"]
         if "init" in r:
             out[name]["init_perplexity"] = r["init"]["perplexity"]
     return out
 
 
 def report_markdown(results: dict, sequences: int, seq_len: int) -> str:
-    teacher_ppl = results["teacher"]["perplexity"]
+    teacher_ppl = results["teacher"]["perplexity"]  # None when the store drops tokens
     lines = [f"# Evaluation on the validation split: {sequences} sequences x {seq_len} tokens, "
              f"{results['teacher']['tokens']:,} next-token targets", "",
              "| model | alpha | T | perplexity | KL to teacher (nats/token) | top-1 agreement | init perplexity |",
              "|---|---|---|---|---|---|---|",
-             f"| teacher | | | {teacher_ppl:.2f} | 0 | 1 | |"]
+             f"| teacher | | | {'n/a (below)' if teacher_ppl is None else f'{teacher_ppl:.2f}'} | 0 | 1 | |"]
     for name, r in results.items():
         if name == "teacher":
             continue
         temperature = r["temperature"] if r["alpha"] < 1 else "–"  # T plays no part in plain CE
-        lines.append(f"| {name} | {r['alpha']} | {temperature} | {r['perplexity']:.2f} | {r['kl_to_teacher']:.4f} "
-                     f"| {r['top1_agreement']:.3f} | {r['init']['perplexity']:.2f} |")
+        kl, agree = (("n/a", "n/a") if r["kl_to_teacher"] is None else  # see teacher_note
+                     (f"{r['kl_to_teacher']:.4f}", f"{r['top1_agreement']:.3f}"))
+        lines.append(f"| {name} | {r['alpha']} | {temperature} | {r['perplexity']:.2f} | {kl} "
+                     f"| {agree} | {r['init']['perplexity']:.2f} |")
     ce = [r for n, r in results.items() if n != "teacher" and r["alpha"] == 1.0]
     kd = [(n, r) for n, r in results.items() if n != "teacher" and r["alpha"] < 1.0]
     if ce and kd:
         base = ce[0]["perplexity"]
-        lines += ["", f"Against the CE-only baseline (perplexity {base:.2f}, teacher {teacher_ppl:.2f}):", ""]
+        known = teacher_ppl is not None
+        lines += ["", f"Against the CE-only baseline (perplexity {base:.2f}"
+                  f"{f', teacher {teacher_ppl:.2f}' if known else ''}):", ""]
         for n, r in kd:
             change = r["perplexity"] / base - 1
-            closed = (base - r["perplexity"]) / (base - teacher_ppl) if base != teacher_ppl else float("nan")
-            lines.append(f"- {n}: perplexity {change:+.1%} vs CE-only ({'better' if change < 0 else 'worse'}); "
-                         f"{closed:.0%} of CE-only's gap to the teacher closed")
+            line = f"- {n}: perplexity {change:+.1%} vs CE-only ({'better' if change < 0 else 'worse'})"
+            if known:
+                closed = (base - r["perplexity"]) / (base - teacher_ppl) if base != teacher_ppl else float("nan")
+                line += f"; {closed:.0%} of CE-only's gap to the teacher closed"
+            lines.append(line)
+    if teacher_ppl is None:
+        lines += ["", f"Teacher perplexity {results['teacher']['perplexity_note']}."]
+    if "teacher_note" in results["teacher"]:
+        lines += ["", f"KL to the teacher and top-1 agreement {results['teacher']['teacher_note']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,18 +279,20 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
             (line,) = ax1.plot(steps, losses, marker="o", ms=3, label=name)
             if best is not None:
                 ax1.plot(steps[best], losses[best], marker="*", ms=12, color=line.get_color(), ls="none")
-    ax1.axhline(results["teacher"]["ce"], color="#555", ls="--", lw=1, label="teacher")
+    if results["teacher"]["ce"] is not None:  # None: the store drops tokens (not comparable)
+        ax1.axhline(results["teacher"]["ce"], color="#555", ls="--", lw=1, label="teacher")
     ax1.set(xlabel="optimizer step", ylabel="validation CE (nats/token)",
             title="students: validation CE (★ = best, the exported model)")
     ax1.legend()
     names = list(results)
-    ppl = [results[n]["perplexity"] for n in names]
+    ppl = [np.nan if results[n]["perplexity"] is None else results[n]["perplexity"] for n in names]
     init = [results[n]["init"]["perplexity"] if "init" in results[n] else np.nan for n in names]
     x = np.arange(len(names))
     ax2.bar(x - 0.2, init, 0.4, label="at init", color="#bbb")
     ax2.bar(x + 0.2, ppl, 0.4, label="trained", color="#3a7")
     for xi, v, v0 in zip(x, ppl, init):
-        ax2.text(xi + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        if np.isfinite(v):  # nan: the teacher's perplexity from a store that drops tokens (not comparable)
+            ax2.text(xi + 0.2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         if np.isfinite(v0):
             ax2.text(xi - 0.2, v0, f"{v0:.1f}", ha="center", va="bottom", fontsize=8)
     top, bottom = np.nanmax(init + ppl), np.nanmin(init + ppl)
