@@ -156,10 +156,19 @@ def _mark_teacher_perplexity(teacher: dict, store) -> None:
     log.warning("teacher perplexity %s", teacher["perplexity_note"])
 
 
+def _teacher_t1_problem(codec) -> str | None:
+    """Why the store's decoded logits are not the teacher at T=1, or None. A codec may refuse T=1
+    (check_temperature); a sparse codec's decode gives its target at its own temperature Ts."""
+    if codec.sparse and codec.temperature != 1.0:
+        return (f"the {codec.name} store decodes to its target at temperature {codec.temperature:g}; make the "
+                "store with temperature 1 for these figures")
+    return codec.check_temperature(1.0)
+
+
 def _mark_teacher_at_t1(results: dict, store) -> None:
     """KL to the teacher and top-1 agreement compare with the teacher at T=1: from a store that cannot give
-    T=1 (codec.temperature_error(1), e.g. tokens sampled at another temperature) they become None, noted."""
-    problem = store.codec.temperature_error(1.0)
+    T=1 (e.g. tokens sampled at another temperature) they become None, with the reason as teacher_note."""
+    problem = _teacher_t1_problem(store.codec)
     if problem is None:
         return
     note = f"not comparable: evaluate compares with the teacher at T=1, and {problem}"

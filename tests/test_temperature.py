@@ -32,6 +32,11 @@ def test_full_distribution_codecs_allow_every_temperature(name):
     assert all(codec.check_temperature(T) is None for T in (0.25, 0.5, 1.0, 2.0, 4.0, 10.0))
 
 
+@pytest.mark.parametrize("name", ["sampled", "topk"])
+def test_sparse_codecs_drop_tokens(name):
+    assert make_codec(name).drops_tokens
+
+
 def test_dense_u8_allows_temperatures_up_to_1_only():
     codec = make_codec("dense-u8")
     assert codec.drops_tokens and not make_codec("dense-u8", tail_mass=0.0).drops_tokens
@@ -103,14 +108,12 @@ def set_students(root: Path, students: dict, **train) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-@pytest.fixture(scope="module")
-def u8_project(tmp_path_factory, tiny_teacher) -> Path:
+def make_project(root: Path, teacher: Path, teacher_logits: dict) -> Path:
     from distill_pipe.config import load_config
     from distill_pipe.data import run_prepare
     from distill_pipe.teacher import run_teacher_logits
 
-    root = write_project(tmp_path_factory.mktemp("u8_project"), tiny_teacher, doc_chars=1500, seq_len=16,
-                         teacher_logits={"codec": "dense-u8", "codec_params": {"tail_mass": TAIL}, "shard_size": 8})
+    write_project(root, teacher, doc_chars=1500, seq_len=16, teacher_logits={"shard_size": 8, **teacher_logits})
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -120,6 +123,12 @@ def u8_project(tmp_path_factory, tiny_teacher) -> Path:
     finally:
         os.chdir(cwd)
     return root
+
+
+@pytest.fixture(scope="module")
+def u8_project(tmp_path_factory, tiny_teacher) -> Path:
+    return make_project(tmp_path_factory.mktemp("u8_project"), tiny_teacher,
+                        {"codec": "dense-u8", "codec_params": {"tail_mass": TAIL}})
 
 
 @pytest.fixture
@@ -187,24 +196,28 @@ def test_train_at_T1_from_dense_u8_then_evaluate_marks_the_teacher_perplexity(pr
     assert Path("stages/evaluate/chart.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_evaluate_from_a_store_that_cannot_give_T1(proj, monkeypatch):
-    """A store whose targets exist at another temperature only (e.g. tokens sampled at T=2): KL to the teacher
-    and top-1 agreement are marked not comparable, perplexities stay."""
-    from distill_pipe.store.codecs import DenseU8Codec
-
-    set_students(proj, {"ce": {"init": STUDENT_INIT, "alpha": 1.0}})
-    code, out = run_cli("train", "--student", "ce")
-    assert code == 0, out
-    monkeypatch.setattr(DenseU8Codec, "check_temperature", lambda self, T: "the test store holds T=2 only")
+def test_evaluate_from_a_store_sampled_at_T2(tmp_path, tiny_teacher, monkeypatch):
+    """Tokens sampled at Ts=2 give the teacher at T=2 only: a T=2 student trains from them, and evaluate
+    (which compares at T=1) marks KL to the teacher, top-1 agreement and the teacher's perplexity as not
+    comparable; the students' perplexities stay."""
+    root = make_project(tmp_path, tiny_teacher, {"codec": "sampled", "codec_params": {"temperature": 2.0}})
+    monkeypatch.chdir(root)
+    set_students(root, {"kd": {"init": STUDENT_INIT, "temperature": 2.0}, "ce": {"init": STUDENT_INIT, "alpha": 1.0}})
+    for student in ("kd", "ce"):
+        code, out = run_cli("train", "--student", student)
+        assert code == 0, out
     code, out = run_cli("evaluate")
     assert code == 0, out
     metrics = json.loads(Path("stages/evaluate/metrics.json").read_text())
-    assert metrics["ce"]["kl_to_teacher"] is None and metrics["ce"]["top1_agreement"] is None
-    assert metrics["ce"]["perplexity"] > 1
+    assert metrics["teacher"]["perplexity"] is None
+    for name in ("kd", "ce"):
+        assert metrics[name]["kl_to_teacher"] is None and metrics[name]["top1_agreement"] is None
+        assert metrics[name]["perplexity"] > 1
     report = Path("stages/evaluate/report.md").read_text()
     assert "| ce | 1.0 | – |" in report and "| n/a | n/a |" in report
     assert ("KL to the teacher and top-1 agreement not comparable: evaluate compares with the teacher at T=1, and "
-            "the test store holds T=2 only.") in report
+            "the sampled store decodes to its target at temperature 2") in report
+    assert "Teacher perplexity not comparable: the sampled store drops" in report
 
 
 def test_teacher_stage_warns_about_students_the_store_cannot_train(caplog):

@@ -18,6 +18,7 @@ class SparseCodec(Codec):
 
     input_kind = "logits"
     sparse = True
+    drops_tokens = True  # a few ids per position: evaluate reports the teacher's perplexity as not comparable
 
     def __init__(self, temperature: float):
         if not (temperature > 0 and math.isfinite(temperature)):
