@@ -65,15 +65,20 @@ class DataConfig:
     seq_len: int = 256
     """Tokens per packed sequence."""
     validation_fraction: float = 0.1
-    """Fraction of documents (seeded shuffle) held out for validation, in (0, 1)."""
+    """Expected fraction of documents held out for validation, in (0, 1): each document goes to validation
+    when a seeded hash of its identity (file path relative to the source, record index) falls below it."""
     max_train_tokens: int | None = None
     """Cap on training tokens (whole sequences); null for all."""
     max_validation_tokens: int | None = None
     """Cap on validation tokens (whole sequences); null for all."""
     seed: int = 0
-    """Seed of the document shuffle that decides the split."""
+    """Seed of the per-document hash that decides the split."""
+    num_proc: int = 1
+    """Tokenizer processes. 1: in the main process (a fast tokenizer still uses every core for a batch);
+    more helps where the main process, not the tokenizer, is the bottleneck (many cores)."""
 
     def validate(self, p: str) -> None:
+        _check(self.num_proc >= 1, f"{p}.num_proc must be >= 1, got {self.num_proc}")
         _check(self.seq_len >= 2, f"{p}.seq_len must be >= 2, got {self.seq_len}")
         _check(0 < self.validation_fraction < 1,
                f"{p}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
