@@ -7,7 +7,8 @@
 Every variant runs the real `DistillTrainer.train_step` (store read, decode, chunked fp32 loss, backward,
 AdamW) on the same student weights and the same batch, in one process:
   - CE-only: alpha = 1, no teacher at all: the floor;
-  - KD from a store: alpha = 0.5, T = 2, teacher logits from a store of each codec;
+  - KD from a store: alpha = 0.5, T = 2, teacher logits from a store of each codec (sampled: 32 draws at T = 2,
+    topk: k = 32 at T = 2, both read as sparse targets: no (N, V) teacher tensor);
   - online KD: the same loss with the teacher's forward inside the step.
 The ideal speedup of store KD over online KD is (teacher forward + student step) / student step.
 Peak RSS: a fresh process runs KD steps over random batches of a store, then of a 10x larger one.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import shutil
 import statistics
 import subprocess
@@ -36,7 +38,9 @@ from distill_pipe.store import create_store, head_from_model, make_codec, open_s
 from distill_pipe.store.writer import write_shard  # noqa: E402
 from distill_pipe.trainer import DistillTrainer, Trainer  # noqa: E402
 
-CODECS = ("factored", "dense-bf16", "dense-u8")
+CODECS = ("factored", "dense-bf16", "dense-u8", "sampled", "topk")
+# The sparse codecs hold the teacher at the benchmark's T = 2 (they refuse any other training temperature).
+CODEC_PARAMS = {"sampled": {"draws": 32, "temperature": 2.0}, "topk": {"k": 32, "temperature": 2.0}}
 
 
 def corpus_ids(tok, n: int, seq_len: int) -> np.ndarray:
@@ -61,7 +65,7 @@ def teacher_outputs(teacher, ids_BL: torch.Tensor) -> tuple[torch.Tensor, torch.
 def build_store(path: Path, codec_name: str, ids: np.ndarray, x_BLX: torch.Tensor, head: dict | None,
                 vocab: int, hidden: int, repeat: int = 1):
     """A store whose train split is `ids` repeated `repeat` times (shard = the batch), payload encoded once."""
-    codec = make_codec(codec_name)
+    codec = make_codec(codec_name, **CODEC_PARAMS.get(codec_name, {}))
     B = ids.shape[0]
     store = create_store(str(path), attrs={"benchmark": True}, codec=codec, shard_size=B, vocab_size=vocab,
                          hidden_size=hidden, head=head, overwrite=True,
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--rss-shards", type=int, default=32, help="shards (of batch-size sequences) in the small store")
     ap.add_argument("--rss-steps", type=int, default=3)
     ap.add_argument("--skip-rss", action="store_true", help="time the steps only")
+    ap.add_argument("--codecs", nargs="*", default=list(CODECS), choices=CODECS, help="store codecs to time")
+    ap.add_argument("--skip-online", action="store_true", help="do not time online KD")
     ap.add_argument("--rss-child", nargs=3, metavar=("STORE", "STUDENT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -171,7 +177,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="train_step_bench_"))
     head = head_from_model(teacher)
     stores = {}
-    for name in CODECS:
+    for name in args.codecs:
         x = h_BLD if make_codec(name).input_kind == "hidden" else logits_BLV
         stores[name] = build_store(work / f"{name}.zarr", name, ids, x, head if name == "factored" else None, V, d)
 
@@ -180,8 +186,8 @@ def main() -> None:
     from distill_pipe.losses import default_chunk_size
 
     auto = default_chunk_size(V, "cpu")
-    variants = [("CE only (alpha=1)", None, None, None), *[(f"KD, store {c}", c, None, None) for c in CODECS],
-                ("KD online (teacher fwd in step)", None, teacher, None),
+    variants = [("CE only (alpha=1)", None, None, None), *[(f"KD, store {c}", c, None, None) for c in args.codecs],
+                *([] if args.skip_online else [("KD online (teacher fwd in step)", None, teacher, None)]),
                 *[(f"KD, store factored, loss chunk {n}", "factored", None, n) for n in args.chunk_sizes]]
     print(f"loss chunk: auto = {auto} positions unless named", flush=True)
     trainers = {}
@@ -208,7 +214,7 @@ def main() -> None:
     results = {label: min(ts) for label, ts in times.items()}
     medians = {label: statistics.median(ts) for label, ts in times.items()}
 
-    ce, online_t = results["CE only (alpha=1)"], results["KD online (teacher fwd in step)"]
+    ce, online_t = results["CE only (alpha=1)"], results.get("KD online (teacher fwd in step)", math.nan)
     ideal = (teacher_fwd + ce) / ce
     print()
     print(f"| variant | s/step best (median) | vs CE-only | speedup over online KD (ideal {ideal:.2f}x) "

@@ -309,34 +309,41 @@ def _sparse_chunk(z_CV, logp_CV, y_C1, t: SparseTargets, start, end, rows_C, ce_
                   temperature, build_grad) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(KL sum of the chunk, its gradient of ce_weight*CE + kl_weight*KL w.r.t. z (C, V) or None).
 
-    logp_CV: the student's log_softmax at T=1 (the CE term's); consumed (it becomes the gradient)."""
+    logp_CV: the student's log_softmax at T=1 (the CE term's); consumed (it becomes the gradient). The student
+    at T comes from it: e = exp(logp / T) = q_T * s per row (s = sum e), so no second log_softmax is needed,
+    and at T = 1 e is the CE term's softmax itself."""
     assert len(t) == end - start, f"sparse targets for [{start}, {end}) hold {len(t)} positions"
     if len(rows_C) < end - start:
         t = t.select(rows_C - start)
-    same_t = temperature == 1.0  # then the CE term's log-probs are the KL term's too: one exp for both
-    log_q_CV = logp_CV if same_t else (z_CV / temperature).log_softmax(-1)
+    same_t = temperature == 1.0
     ids_CK, w_CK = t.ids_CK.long(), t.probs_CK.float()
-    kl_C = t.neg_entropy_C.float() - (w_CK * log_q_CV.gather(1, ids_CK)).sum(-1)
-    rest_CV = None
+    e_CV = logp_CV.exp() if same_t else logp_CV.mul(1.0 / temperature).exp_()
+    s_C1 = e_CV.sum(-1, keepdim=True)
+    log_q_CK = logp_CV.gather(1, ids_CK).div_(temperature).sub_(s_C1.log())  # log q_T at the ids
+    kl_C = t.neg_entropy_C.float() - (w_CK * log_q_CK).sum(-1)
+    mass_C1 = w_CK.sum(-1, keepdim=True)
     if t.rest_C is not None:
         m_C1 = t.rest_C.float().unsqueeze(1)
-        rest_CV = log_q_CV.scatter(1, ids_CK, -math.inf)  # the student's log-probs outside the ids
-        log_q_rest_C1 = rest_CV.logsumexp(-1, keepdim=True)
+        rest_C1 = e_CV.scatter(1, ids_CK, 0.0).sum(-1, keepdim=True)  # the student's mass outside the ids, * s
         # 0 * log 0 = 0: no teacher mass in the bucket costs nothing, whatever the student puts there.
-        kl_C = kl_C - (m_C1 * log_q_rest_C1).masked_fill_(m_C1 == 0, 0.0).squeeze(1)
+        kl_C = kl_C - (m_C1 * (rest_C1.log() - s_C1.log())).masked_fill_(m_C1 == 0, 0.0).squeeze(1)
+        mass_C1 = mass_C1 + m_C1
     kl = kl_C.sum()
     if not build_grad:
         return kl, None
-    mass_C1 = w_CK.sum(-1, keepdim=True) + (0.0 if rest_CV is None else m_C1)
     scale = kl_weight / temperature  # d(kl_weight * KL)/dz = kl_weight / T * dKL/d(z/T)
-    if rest_CV is not None:  # - m * q_v / q_rest for v outside the ids (exp(-inf) = 0 at the ids)
-        rest_CV.sub_(log_q_rest_C1.clamp_min(torch.finfo(torch.float32).min)).exp_().mul_(m_C1 * -scale)
-    if same_t:
-        g_CV = logp_CV.exp_().mul_(ce_weight + scale * mass_C1)
+    # dKL/d(z/T) = mass * q_T - w at the ids - m * q_T / q_rest outside them  (q_T = e / s, q_rest = rest / s)
+    coef_C1 = mass_C1 * scale / s_C1
+    at_ids_CK = w_CK * -scale
+    if t.rest_C is not None:
+        bucket_C1 = torch.where(rest_C1 > 0, m_C1 * scale / rest_C1, 0.0)
+        coef_C1 = coef_C1 - bucket_C1
+        at_ids_CK = at_ids_CK + bucket_C1 * e_CV.gather(1, ids_CK)  # the ids are not in the bucket
+    if same_t:  # ce_weight * softmax(z) + coef * e, with e = softmax(z)
+        g_CV = e_CV.mul_(coef_C1 + ce_weight)
+        del logp_CV
     else:
-        g_CV = log_q_CV.exp_().mul_(scale * mass_C1).add_(logp_CV.exp_(), alpha=ce_weight)
+        g_CV = e_CV.mul_(coef_C1).add_(logp_CV.exp_(), alpha=ce_weight)
     g_CV.scatter_add_(1, y_C1, torch.full_like(y_C1, -ce_weight, dtype=torch.float32))
-    g_CV.scatter_add_(1, ids_CK, w_CK * -scale)
-    if rest_CV is not None:
-        g_CV.add_(rest_CV)
+    g_CV.scatter_add_(1, ids_CK, at_ids_CK)
     return kl, g_CV

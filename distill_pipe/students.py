@@ -115,7 +115,7 @@ def select_layers(model: nn.Module, calibration_ids: np.ndarray | torch.Tensor, 
     current model's per-layer inputs once and scores candidate k by running only the layers after it from
     the input of layer k. `model` is left unchanged.
     """
-    ids_NL = torch.as_tensor(np.asarray(calibration_ids), dtype=torch.long)
+    ids_NL = torch.as_tensor(np.asarray(calibration_ids), dtype=torch.long, device=next(model.parameters()).device)
     if ids_NL.ndim != 2 or ids_NL.shape[1] < 2 or ids_NL.shape[0] < 1:
         raise ValueError(f"calibration_ids must be (N, L) token ids with N >= 1, L >= 2; got {tuple(ids_NL.shape)}")
     layers = list(decoder_layers(model))
