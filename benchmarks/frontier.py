@@ -305,7 +305,8 @@ def write_outputs(out: Path, results, teacher_score, cfg, tc, args, device, V, d
     ref = ref if "perplexity" in ref else {"perplexity": math.nan, "kl_to_teacher": math.nan, "top1_agreement": math.nan}
     noise = next((r for r in results if r["setting"] == f"{REFERENCE} seed 1" and "perplexity" in r), None)
     shapes = [f"d={dd},V={vv}" for dd, vv in SHAPES]
-    lines = [f"Frontier: {args.student} init, {tc.max_steps or f'{tc.num_epochs:g} epochs'} steps, alpha {tc.alpha}, "
+    lines = [f"Frontier: {args.student} init, {f'{tc.max_steps} steps' if tc.max_steps else f'{tc.num_epochs:g} epochs'}, "
+             f"alpha {tc.alpha}, "
              f"T {tc.temperature}, lr {tc.learning_rate}, batch {tc.batch_size} x {cfg.data.seq_len}, "
              f"tokens {args.tokens}; teacher {cfg.teacher.model} (d={d}, V={V}); device {device}; "
              f"{seconds / 60:.1f} min in all",
