@@ -162,6 +162,9 @@ class TrainConfig:
     """Training tokens used to rank layers when a student is a layer-dropped teacher."""
     max_eval_sequences: int | None = None
     """Cap on validation sequences per evaluation; null for all."""
+    prefetch: int = 2
+    """Micro-batches whose teacher payload (and token rows) are read and decompressed in background threads
+    ahead of the one computing; 0 reads synchronously in the training thread. Changes no result."""
 
     def validate(self, p: str) -> None:
         for key in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "keep_last",
@@ -183,6 +186,7 @@ class TrainConfig:
         _check(self.dtype in ("float32", "bfloat16"), f"{p}.dtype must be float32 or bfloat16, got {self.dtype!r}")
         _check(self.max_eval_sequences is None or self.max_eval_sequences >= 1,
                f"{p}.max_eval_sequences must be null or >= 1, got {self.max_eval_sequences}")
+        _check(self.prefetch >= 0, f"{p}.prefetch must be >= 0 (0 = no read-ahead), got {self.prefetch}")
 
 
 INIT_KINDS = ("from_teacher", "pretrained", "config")

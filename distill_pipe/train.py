@@ -31,8 +31,9 @@ from distill_pipe.trainer import (CheckpointError, DistillTrainer, Trainer, chec
 log = logging.getLogger(__name__)
 
 # Train keys that do not change what a run computes: they may differ when resuming.
-# loss_chunk_size only regroups the loss sums (float rounding), and lowering it is the fix for an OOM
-UNFINGERPRINTED_KEYS = ("save_steps", "keep_last", "loss_chunk_size")
+# loss_chunk_size only regroups the loss sums (float rounding), and lowering it is the fix for an OOM;
+# prefetch only changes when a micro-batch is read
+UNFINGERPRINTED_KEYS = ("save_steps", "keep_last", "loss_chunk_size", "prefetch")
 
 
 class TrainError(ValueError):
@@ -281,6 +282,7 @@ class Exporter:
             "final_eval_loss": final.get("eval_loss"), "final_eval_ppl": final.get("eval_ppl"),
             "steps": s["steps"], "total_steps": s["total_steps"], "tokens": s["tokens"],
             "tokens_per_s": s["tokens_per_s"], "train_seconds": s["train_seconds"],
+            "data_wait_seconds": s["data_wait_seconds"],
             "early_stopped": s["early_stopped"], "world_size": trainer.info.world_size,
             "global_batch": trainer.global_batch, **self.static}
 

@@ -43,6 +43,7 @@ from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo
 from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, hybrid_loss,
                                 shift_for_next_token)
+from distill_pipe.prefetch import HostTokens, MicroBatchPlan, MicroBatchStream, PendingBatch, host_tokens
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,14 @@ class Batch:
     """Sequence indices in the split, in row order of input_ids_BL."""
     input_ids_BL: torch.Tensor  # (B, L) int64 on the training device
     targets_BL: torch.Tensor  # (B, L) int64, IGNORE_INDEX where not counted
+    count: int | None = None
+    """Counted targets when known from the CPU copy (read ahead: no device sync); None: counted here."""
+    teacher: object | None = None
+    """The teacher payload on the training device when it was read ahead (a TeacherBatch), else None."""
 
     @property
     def num_tokens(self) -> int:
-        return count_targets(self.targets_BL)
+        return self.count if self.count is not None else count_targets(self.targets_BL)
 
 
 @dataclass
@@ -189,6 +194,9 @@ class Trainer:
         self.last_eval: dict | None = None
         self.best_eval: dict | None = None
         self._autocast = (not self.fsdp and cfg.dtype == "bfloat16")
+        self._pin = self.device.type == "cuda"  # pinned host rows copy to the GPU asynchronously
+        self.data_wait_seconds = 0.0  # training-thread time spent waiting on token rows and teacher payloads
+        self.inline_read_seconds = 0.0  # time compute_loss spent reading the store itself (nothing read ahead)
 
     # ------------------------------------------------------------------ to implement
 
@@ -212,13 +220,18 @@ class Trainer:
         """This rank's micro-batches of a global batch: micro-batch k = indices[k*b:(k+1)*b] goes to
         rank k % world. Every rank gets the same number; a rank short of data gets a padding batch
         (one sequence, no counted token) so FSDP's collectives stay in lockstep."""
+        return [self.padding_batch(p.split, p.indices[0]) if p.padding else self.make_batch(p.split, list(p.indices))
+                for p in self.micro_batch_plans(split, indices, micro_steps)]
+
+    def micro_batch_plans(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[MicroBatchPlan]:
+        """What `micro_batches` reads, without reading it (the read-ahead stream loads these)."""
         b, world, rank = self.cfg.batch_size, self.info.world_size, self.info.rank
         n_micro = micro_steps or max(1, math.ceil(len(indices) / (b * world)))
         out = []
         for m in range(n_micro):
             k = m * world + rank
             part = indices[k * b:(k + 1) * b]
-            out.append(self.make_batch(split, part) if part else self.padding_batch(split, indices[0]))
+            out.append(MicroBatchPlan(split, tuple(part)) if part else MicroBatchPlan(split, (indices[0],), True))
         return out
 
     def make_batch(self, split: str, indices: list[int]) -> Batch:
@@ -230,6 +243,37 @@ class Trainer:
         batch.targets_BL.fill_(IGNORE_INDEX)
         return batch
 
+    # ------------------------------------------------------------------ reading ahead (train.prefetch)
+
+    def load_tokens(self, plan: MicroBatchPlan) -> HostTokens:
+        """Runs in a read-ahead thread: token rows and targets on the CPU, pinned for an async copy."""
+        return host_tokens(plan, read_rows(self.data[plan.split], list(plan.indices)), self.make_targets, self._pin)
+
+    def teacher_loader(self) -> Callable[[MicroBatchPlan], object] | None:
+        """What else a micro-batch reads ahead (subclasses: the teacher payload); None for nothing."""
+        return None
+
+    def teacher_to_device(self, payload):
+        return payload
+
+    def open_stream(self, steps) -> MicroBatchStream | None:
+        """Read-ahead of `steps` (an iterator of (split, indices, micro_steps)); None when train.prefetch is 0."""
+        if not self.cfg.prefetch:
+            return None
+        plans = (self.micro_batch_plans(split, idx, micro) for split, idx, micro in steps)
+        return MicroBatchStream(plans, self.load_tokens, self.teacher_loader(), depth=self.cfg.prefetch)
+
+    def materialize(self, batch: Batch | PendingBatch) -> Batch:
+        """A read-ahead micro-batch on the device (non-blocking copies from pinned memory); a Batch as is."""
+        if isinstance(batch, Batch):
+            return batch
+        host = batch.tokens()
+        payload = batch.teacher()
+        nb = self._pin
+        return Batch(host.plan.split, list(host.plan.indices), host.input_ids_BL.to(self.device, non_blocking=nb),
+                     host.targets_BL.to(self.device, non_blocking=nb), count=host.num_tokens,
+                     teacher=None if payload is None else self.teacher_to_device(payload))
+
     # ------------------------------------------------------------------ steps
 
     def _forward_loss(self, batch: Batch) -> LossSums:
@@ -238,22 +282,25 @@ class Trainer:
                 return self.compute_loss(self.model, batch)
         return self.compute_loss(self.model, batch)
 
-    def train_step(self, batches: list[Batch]) -> dict:
-        """One optimizer step over this rank's micro-batches; returns step metrics (means over tokens)."""
+    def train_step(self, batches: list[Batch | PendingBatch]) -> dict:
+        """One optimizer step over this rank's micro-batches (read or read-ahead); returns step metrics (means
+        over tokens)."""
         self.model.train()
         local = sum(b.num_tokens for b in batches)
         global_count = int(dd.all_reduce(local, "sum", self.device))  # before the first backward
         denom = max(global_count, 1)
-        loss_sum = ce_sum = kl_sum = 0.0
+        # float64 on the device: the same sums as adding Python floats, without a sync per micro-batch
+        acc = torch.zeros(3, dtype=torch.float64, device=self.device)
         for m, batch in enumerate(batches):
+            batch = self.materialize(batch)
             if self.fsdp:  # reduce gradients across ranks once, after the last micro-batch
                 self.model.set_requires_gradient_sync(m == len(batches) - 1)
             sums = self._forward_loss(batch)
             (sums.loss / denom).backward()
             assert sums.num_tokens == batch.num_tokens, "compute_loss counted other tokens than make_targets"
-            loss_sum += sums.loss.detach().item()
-            ce_sum += sums.ce.item()
-            kl_sum += sums.kl.item()
+            acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)
+            del batch, sums  # the next read-ahead payload may take this one's memory
+        loss_sum, ce_sum, kl_sum = acc.tolist()
         grad_norm = self._clip()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -285,11 +332,18 @@ class Trainer:
         per_round = self.cfg.batch_size * self.info.world_size
         loss = ce = kl = 0.0
         count = 0
-        for start in range(0, len(indices), per_round):
-            for batch in self.micro_batches("validation", indices[start:start + per_round], micro_steps=1):
-                sums = self.eval_step(batch)
-                loss, ce, kl = loss + sums.loss.item(), ce + sums.ce.item(), kl + sums.kl.item()
-                count += sums.num_tokens
+        rounds = [("validation", indices[start:start + per_round], 1) for start in range(0, len(indices), per_round)]
+        stream = self.open_stream(iter(rounds))
+        try:
+            for split, idx, micro in rounds:
+                batches = stream.next_step() if stream else self.micro_batches(split, idx, micro_steps=micro)
+                for batch in batches:
+                    sums = self.eval_step(self.materialize(batch))
+                    loss, ce, kl = loss + sums.loss.item(), ce + sums.ce.item(), kl + sums.kl.item()
+                    count += sums.num_tokens
+        finally:
+            if stream is not None:
+                stream.close()
         loss, ce, kl, count = (dd.all_reduce(v, "sum", self.device) for v in (loss, ce, kl, count))
         count = max(int(count), 1)
         ce_mean = ce / count
@@ -307,12 +361,19 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        # The same steps the loop below takes, planned ahead so their reads overlap the compute.
+        stream = self.open_stream(("train", self.step_indices(s), None) for s in range(self.step, end))
         try:
             while self.step < end and not self.early.stopped:
                 t0 = time.perf_counter()
-                metrics = self.train_step(self.micro_batches("train", self.step_indices(self.step)))
+                waited = (stream.timer.wait_s if stream else 0.0) - self.inline_read_seconds
+                batches = stream.next_step() if stream else self.micro_batches("train", self.step_indices(self.step))
+                if not stream:
+                    waited -= time.perf_counter() - t0  # reading the token rows inline
+                metrics = self.train_step(batches)
                 seconds = time.perf_counter() - t0
                 self.train_seconds += seconds
+                self.data_wait_seconds += (stream.timer.wait_s if stream else 0.0) + self.inline_read_seconds - waited
                 self.step += 1
                 metrics = {"step": self.step, **metrics, "tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
                 self._append("train", TRAIN_FIELDS, metrics)
@@ -325,6 +386,8 @@ class Trainer:
                 if self.step % cfg.save_steps == 0 or self.step == self.total_steps or self.early.stopped:
                     self.save_checkpoint()
         finally:
+            if stream is not None:
+                stream.close()
             if bar is not None:
                 bar.close()
         if self.early.stopped and self.info.is_main:
@@ -348,7 +411,7 @@ class Trainer:
 
     def summary(self) -> dict:
         return {"steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens_seen,
-                "train_seconds": self.train_seconds,
+                "train_seconds": self.train_seconds, "data_wait_seconds": self.data_wait_seconds,
                 "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds else None,
                 "early_stopped": self.early.stopped, "best_eval_loss": self.early.best_loss,
                 "best_step": self.early.best_step, "best_eval": self.best_eval, "final_eval": self.last_eval}
@@ -569,6 +632,22 @@ class DistillTrainer(Trainer):
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
         self.vocab_size = vocab_size
+        # The factored head (a fitted transform folded in) goes to the device once per run, not per micro-batch.
+        self._head = store.head_on(self.device) if hasattr(store, "head_on") else None
+
+    def read_teacher(self, plan: MicroBatchPlan):
+        """Runs in a read-ahead thread: the compact payload on the CPU, pinned when CUDA is available."""
+        if self._pin:
+            return self.store.teacher_batch(plan.split, list(plan.indices), pin_memory=True)
+        return self.store.teacher_batch(plan.split, list(plan.indices))
+
+    def teacher_loader(self):
+        return self.read_teacher if self.cfg.alpha < 1 else None
+
+    def teacher_to_device(self, tb):
+        if self._head is None and not self._pin:
+            return tb.to(self.device)
+        return tb.to(self.device, non_blocking=self._pin, head=self._head)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossSums:
         logits_BLV = model(input_ids=batch.input_ids_BL, use_cache=False).logits
@@ -579,7 +658,11 @@ class DistillTrainer(Trainer):
         if self.cfg.alpha < 1 and batch.num_tokens == 0:  # a padding batch: no position reads the teacher
             teacher_fn = _no_teacher
         elif self.cfg.alpha < 1:
-            tb = self.store.teacher_batch(batch.split, batch.indices).to(self.device)
+            tb = batch.teacher
+            if tb is None:  # nothing read ahead (train.prefetch 0): read here, and count the wait
+                t0 = time.perf_counter()
+                tb = self.teacher_to_device(self.store.teacher_batch(batch.split, batch.indices))
+                self.inline_read_seconds += time.perf_counter() - t0
 
             def teacher_fn(start: int, end: int) -> torch.Tensor | SparseTargets:
                 if tb.codec.sparse:  # a few ids per position, gathered from the student's log-probs: no (N, V)

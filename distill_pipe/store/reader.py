@@ -19,6 +19,7 @@ from distill_pipe.store.codecs import Codec, Head, make_codec
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
                                        NotAStoreError, StoreCorruptError, StoreError, StoreIncompleteError,
                                        REPAIR_HINT, StoreVersionError, incomplete_message, shard_key)
+from distill_pipe.store.shards import RowRequest, ShardIndexCache, ShardLayout, read_rows
 
 
 def is_url(path_or_url) -> bool:
@@ -43,9 +44,11 @@ class TeacherBatch:
     def device(self) -> torch.device:
         return next(iter(self.payload.values())).device
 
-    def to(self, device, non_blocking: bool = False) -> TeacherBatch:
+    def to(self, device, non_blocking: bool = False, head: Head | None = None) -> TeacherBatch:
+        """The payload on `device`; head: the head already there (LogitStore.head_on), else it is copied too."""
         payload = {k: v.to(device, non_blocking=non_blocking) for k, v in self.payload.items()}
-        head = None if self.head is None else self.head.to(device)
+        if head is None and self.head is not None:
+            head = self.head.to(device)
         return TeacherBatch(self.codec, payload, head, self.batch_size, self.seq_len)
 
     def logits(self, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -82,6 +85,9 @@ class LogitStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._present: set[tuple[str, int]] = set()  # (array path, shard) found on storage
         self._head: Head | None = None
+        self._device_heads: dict[str, Head] = {}
+        self._layouts: dict[str, dict[str, ShardLayout] | None] = {}  # split -> fast-path layouts (None: zarr's)
+        self._shard_index = ShardIndexCache()
         self._known_done: dict[str, set[int]] = {}  # shards seen complete (they never become incomplete)
         self._specs = self.codec.payload_specs(self.vocab_size, self.hidden_size)
         self._check_shapes()
@@ -190,6 +196,19 @@ class LogitStore:
                               g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), transform)
         return self._head
 
+    def head_on(self, device) -> Head | None:
+        """The head on `device` with any transform folded in, made once per device (a training run moves it
+        once, not per micro-batch); None for dense codecs."""
+        if self.head is None:
+            return None
+        key = str(torch.device(device))
+        if key not in self._device_heads:
+            h = self.head
+            w = h.effective_weight().to(device)
+            self._device_heads[key] = Head(w, None if h.bias_V is None else h.bias_V.to(device),
+                                           h.final_logit_softcapping, h.logit_scale)
+        return self._device_heads[key]
+
     # ---- completion -----------------------------------------------------------------------------
     def completed_shards(self, split: str) -> set[int]:
         """Shards whose completion flag is set (read fresh from storage)."""
@@ -211,10 +230,48 @@ class LogitStore:
         """Drop what this object cached about shard k (after its flag was cleared and objects deleted)."""
         self._known_done.get(split, set()).discard(k)
         self._present = {(path, j) for path, j in self._present if not (j == k and path.startswith(f"{split}/"))}
+        for name, spec in self._specs.items():  # the fast path's cached shard index too
+            self._shard_index.forget(shard_key(f"{split}/{name}", k, 2 + len(spec.trailing)))
 
     # ---- payload --------------------------------------------------------------------------------
+    def _fast_layouts(self, split: str) -> dict[str, ShardLayout] | None:
+        """The payload arrays' shard layouts when every one is what the fast path reads, else None."""
+        if split not in self._layouts:
+            layouts = {name: ShardLayout.parse(self.array(split, name)) for name in self._specs}
+            ok = all(lay is not None and lay.shard_rows == self.shard_size for lay in layouts.values())
+            self._layouts[split] = layouts if ok else None
+        return self._layouts[split]
+
+    def _corrupt(self, split: str, k: int, key: str, e: BaseException) -> StoreCorruptError:
+        return StoreCorruptError(f"{self.location}: {split} shard {k} is corrupt ({key}: {type(e).__name__}: {e}); "
+                                 f"{REPAIR_HINT}")
+
+    def _read_rows_into(self, split: str, rows: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Fast path: global rows `rows` (distinct) of every payload array into out[name][i] (L, ...)."""
+        layouts = self._fast_layouts(split)
+        store = self._root.store_path.store if hasattr(self._root, "store_path") else self._root.store
+        requests = [RowRequest(store, lay, int(g) // self.shard_size, int(g) % self.shard_size, out[name][i])
+                    for i, g in enumerate(rows) for name, lay in layouts.items()]
+        errors = read_rows(requests, self._shard_index)
+        failed = sorted(((r.k, r.layout.key(r.k), e) for r, e in zip(requests, errors) if e is not None),
+                        key=lambda t: t[0])
+        for _, key, _ in failed:
+            self._shard_index.forget(key)  # a repaired shard is read afresh
+        if failed:
+            k, key, e = failed[0]
+            raise self._corrupt(split, k, key, e) from e
+
     def _read_shard_rows(self, split: str, k: int, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Payload rows (sorted global sequence indices, all inside shard k) -> name -> (n, L, ...)."""
+        if self._fast_layouts(split) is not None:
+            out = {name: np.empty((len(rows), self.seq_len, *spec.trailing), spec.dtype)
+                   for name, spec in self._specs.items()}
+            self._read_rows_into(split, np.asarray(rows), out)
+            return out
+        return self._read_shard_rows_zarr(split, k, rows)
+
+    def _read_shard_rows_zarr(self, split: str, k: int, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """_read_shard_rows through zarr's indexing (any array layout; what the fast path replaced)."""
         out = {}
         for name in self._specs:
             arr = self.array(split, name)
@@ -231,18 +288,24 @@ class LogitStore:
                 else:
                     out[name] = arr.oindex[rows]
             except Exception as e:  # any failure to fetch or decompress one shard object
-                raise StoreCorruptError(f"{self.location}: {split} shard {k} is corrupt ({key}: "
-                                        f"{type(e).__name__}: {e}); {REPAIR_HINT}") from e
+                raise self._corrupt(split, k, key, e) from e
         return out
 
-    def teacher_batch(self, split: str, indices: Sequence[int]) -> TeacherBatch:
-        """Compact CPU payload for sequences `indices` (any order, repeats allowed)."""
+    def teacher_batch(self, split: str, indices: Sequence[int], pin_memory: bool = False,
+                      fast: bool = True) -> TeacherBatch:
+        """Compact CPU payload for sequences `indices` (any order, repeats allowed).
+
+        pin_memory: in page-locked memory (for a non_blocking copy to the GPU; needs CUDA).
+        fast=False reads through zarr's indexing instead of the fast path (store/shards.py), as a reference.
+        """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         n = self.num_sequences(split)
         if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"sequence indices must be non-empty and in [0, {n}) for split {split}")
         shard_of = idx // self.shard_size
         self.check_complete(split, set(shard_of.tolist()))
+        if fast and self._fast_layouts(split) is not None:
+            return self._teacher_batch_fast(split, idx, pin_memory)
         uniq, inverse = np.unique(idx, return_inverse=True)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self._specs}
         uniq_shard = uniq // self.shard_size
@@ -253,6 +316,25 @@ class LogitStore:
         for name, spec in self._specs.items():
             rows_ULX = np.concatenate(parts[name])[inverse]  # (B, L, ...)
             payload[name] = torch.from_numpy(rows_ULX.reshape(idx.size * self.seq_len, *spec.trailing))
+            if pin_memory:
+                payload[name] = payload[name].pin_memory()
+        return TeacherBatch(self.codec, payload, self.head, idx.size, self.seq_len)
+
+    def _teacher_batch_fast(self, split: str, idx: np.ndarray, pin_memory: bool) -> TeacherBatch:
+        # Each distinct sequence is decompressed once, straight into the row of its first occurrence.
+        uniq, first = np.unique(idx, return_index=True)
+        out, payload = {}, {}
+        for name, spec in self._specs.items():
+            t = torch.empty((idx.size, self.seq_len, *spec.trailing), dtype=_torch_dtype(spec.dtype),
+                            pin_memory=pin_memory)
+            out[name] = t.numpy()
+            payload[name] = t.view(idx.size * self.seq_len, *spec.trailing)
+        self._read_rows_into(split, uniq, {name: _RowsAt(a, first) for name, a in out.items()})
+        if uniq.size < idx.size:  # repeats: copy from the first occurrence
+            src = first[np.searchsorted(uniq, idx)]
+            for a in out.values():
+                for i in np.flatnonzero(src != np.arange(idx.size)):
+                    a[i] = a[src[i]]
         return TeacherBatch(self.codec, payload, self.head, idx.size, self.seq_len)
 
     def logprobs(self, split: str, i: int) -> torch.Tensor:
@@ -326,3 +408,17 @@ def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None
         raise NotAStoreError(f"{path_or_url} is not a distill-pipe logit store ({type(e).__name__}): "
                              "check the path, or create it with `distill-pipe teacher-logits`") from None
     return LogitStore(root, str(path_or_url), mode)
+
+
+class _RowsAt:
+    """rows[i] -> array[at[i]]: a view of the output row that distinct sequence i decodes into."""
+
+    def __init__(self, array: np.ndarray, at: np.ndarray):
+        self.array, self.at = array, at
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.array[self.at[i]]
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

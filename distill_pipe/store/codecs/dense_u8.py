@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-from zarr.codecs import TransposeCodec
 
 from distill_pipe.store.codecs.base import Codec, PayloadSpec, blosc_shuffle, zstd_crc
 
@@ -82,10 +81,10 @@ class DenseU8Codec(Codec):
                              "lower exact_top_k")
 
     def payload_specs(self, vocab_size, hidden_size):
-        # Vocab-major bytes inside each chunk (transpose): a token that is in the tail at every position
-        # becomes one run of 255s, which zstd stores almost for free.
-        specs = {"logprobs_u8": PayloadSpec((vocab_size,), np.dtype(np.uint8),
-                                            (TransposeCodec(order=(0, 2, 1)),), zstd_crc(self.zstd_level))}
+        # Position-major rows, as the loss reads them. Earlier stores transposed each chunk vocab-major; on
+        # SmolLM2's rows that was no smaller and made every read ~30% slower (benchmarks/read_path.py). Those
+        # stores still read: the array's zarr metadata records its codecs.
+        specs = {"logprobs_u8": PayloadSpec((vocab_size,), np.dtype(np.uint8), (), zstd_crc(self.zstd_level))}
         if self.exact_top_k:
             self._check_k(vocab_size)
             k = (self.exact_top_k,)
