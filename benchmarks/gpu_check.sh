@@ -14,7 +14,8 @@
 #   2. distill-pipe prepare (seq_len 1024; smoke 64);
 #   3. the teacher stage under torchrun (bf16; FSDP2 over NCCL when there are 2+ GPUs, one process on one
 #      GPU), codec factored;
-#   4. two students (the teacher's layers 0 and 3, bf16) for a few steps each: train.prefetch 2 and 0;
+#   4. two students (the teacher's config at d=1024, 4 layers, random init; 326M parameters, most of them the
+#      128k-token embeddings; bf16 autocast) for a few steps each: train.prefetch 2 and 0;
 #   5. distill-pipe evaluate (bounded by evaluate.max_sequences, on the GPU in bf16).
 # Needs the repository on PYTHONPATH (or installed) and torch, transformers, tokenizers, zarr, numcodecs,
 # google-crc32c, typer, tqdm, pyyaml, matplotlib.
@@ -42,11 +43,11 @@ if [ "$SMOKE" = 1 ]; then
   NPROC=1
   export CUDA_VISIBLE_DEVICES=""
   D=64; V=4096; LAYERS=2; FFN=128; HEADS=4; KV=2; TOKVOCAB=512; SEQ=64; TRAIN_TOK=8192; VAL_TOK=1024
-  TBATCH=4; BATCH=2; STEPS=4; EVAL_SEQ=4; DTYPE=float32
+  TBATCH=4; BATCH=2; STEPS=4; EVAL_SEQ=4; DTYPE=float32; SD=32; SFFN=64; SHEADS=4; SKV=2
 else
   NPROC="$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))')"
   D=2048; V=128256; LAYERS=4; FFN=8192; HEADS=16; KV=8; TOKVOCAB=8192; SEQ=1024; TRAIN_TOK=131072
-  VAL_TOK=16384; TBATCH=8; BATCH=8; STEPS=24; EVAL_SEQ=16; DTYPE=bfloat16
+  VAL_TOK=16384; TBATCH=8; BATCH=8; STEPS=24; EVAL_SEQ=16; DTYPE=bfloat16; SD=1024; SFFN=4096; SHEADS=8; SKV=4
 fi
 echo "gpu_check: work folder $W, $NPROC process(es), teacher d=$D V=$V layers=$LAYERS, seq_len $SEQ"
 
@@ -114,14 +115,12 @@ train:
   max_eval_sequences: 8
 students:
   prefetch2:
-    init:
-      from_teacher:
-        layers: [0, $((LAYERS - 1))]
+    init: &student
+      config: {hidden_size: $SD, intermediate_size: $SFFN, num_hidden_layers: 4, num_attention_heads: $SHEADS,
+               num_key_value_heads: $SKV}
     prefetch: 2
   prefetch0:
-    init:
-      from_teacher:
-        layers: [0, $((LAYERS - 1))]
+    init: *student
     prefetch: 0
 evaluate:
   batch_size: 4
@@ -130,12 +129,12 @@ EOF
 
 run() { echo "+ $*"; "$@"; }
 DP=("$PY" -m distill_pipe)
-TR=(torchrun --standalone --nproc_per_node="$NPROC" -m distill_pipe)
+TR=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m distill_pipe)  # = torchrun
 
 # 2-5. the stages -----------------------------------------------------------------------------------------
 run "${DP[@]}" prepare --params "$W/params.yaml" 2>&1 | tail -n 3
 T0=$(date +%s.%N)
-run "${TR[@]}" teacher-logits --params "$W/params.yaml" 2>&1 | tee "$W/teacher.log" | grep -v "it/s\]\|tok/s\]" | tail -n 4
+run "${TR[@]}" teacher-logits --params "$W/params.yaml" 2>&1 | tee "$W/teacher.log" | { grep -v "it/s\]\|tok/s\]" || true; } | tail -n 4
 T1=$(date +%s.%N)
 for s in prefetch2 prefetch0; do
   run "${TR[@]}" train --student "$s" --params "$W/params.yaml" 2>&1 | tail -n 2

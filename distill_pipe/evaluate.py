@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from distill_pipe import models
 from distill_pipe.config import Config
 from distill_pipe.losses import IGNORE_INDEX, default_chunk_size, shift_for_next_token
+from distill_pipe.prefetch import MicroBatchPlan, MicroBatchStream, host_tokens
 from distill_pipe.store import open_store
 
 log = logging.getLogger(__name__)
@@ -32,42 +33,65 @@ class EvaluateError(ValueError):
 
 
 @torch.no_grad()
-def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | None = None, desc: str = "") -> dict:
+def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | None = None, desc: str = "",
+          device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> dict:
     """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself.
 
     vocab_size: the logits compared (the tokenizer's size when a model pads its vocabulary, as in training).
     A store that drops tokens (dense-u8's tail) gives some targets zero teacher probability: model=None then
     sums CE over the other targets only and counts them in zero_prob_targets (run_evaluate marks that
     perplexity as not comparable).
+    device: where the model is and the logits are formed; autocast_dtype: the model's forward under autocast
+    (bf16 for a student trained in bf16). The next batches' token rows and teacher payloads are read and
+    decompressed in the background (prefetch.py) while this one is scored; sums stay on the device (float64)
+    until the end, so nothing waits for the device per batch.
     """
-    ce = kl = agree = 0.0
-    n = n_ce = zero = 0
-    chunk = chunk or default_chunk_size(vocab_size, "cpu")
-    bar = tqdm(range(0, len(indices), batch_size), desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True)
-    for s in bar:
-        idx = list(indices[s : s + batch_size])
-        ids_BL = torch.as_tensor(store.input_ids(SPLIT)[idx], dtype=torch.long)
-        targets_N = shift_for_next_token(ids_BL).reshape(-1)
-        teacher = store.teacher_batch(SPLIT, idx)
-        student_NV = None if model is None else model(ids_BL).logits.float().reshape(len(targets_N), -1)
-        for a in range(0, len(targets_N), chunk):
-            b = min(a + chunk, len(targets_N))
-            t = targets_N[a:b]
-            keep = t != IGNORE_INDEX
-            if not keep.any():
-                continue
-            t = t[keep]
-            t_logp = torch.log_softmax(teacher.logits(a, b)[keep][:, :vocab_size], -1)
-            s_logp = t_logp if student_NV is None else torch.log_softmax(student_NV[a:b][keep][:, :vocab_size], -1)
-            p = t_logp.exp()
-            kl += torch.where(p > 0, p * (t_logp - s_logp), 0.0).sum().item()
-            tgt = s_logp.gather(1, t[:, None]).squeeze(1)
-            finite = torch.isfinite(tgt)
-            zero += int((~finite).sum())
-            ce -= tgt[finite].sum().item()
-            n_ce += int(finite.sum())
-            agree += (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().item()
-            n += len(t)
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    chunk = chunk or default_chunk_size(vocab_size, device)
+    head = store.head_on(device)
+    ids = store.input_ids(SPLIT)
+    # kl, -ce over finite targets, top-1 agreements, finite targets, zero-probability targets
+    acc = torch.zeros(5, dtype=torch.float64, device=device)
+    n = 0
+    plans = [MicroBatchPlan(SPLIT, tuple(indices[s:s + batch_size])) for s in range(0, len(indices), batch_size)]
+    stream = MicroBatchStream(
+        iter([[p] for p in plans]),
+        lambda p: host_tokens(p, np.asarray(ids[list(p.indices)]), lambda x, *_: shift_for_next_token(x), pin),
+        lambda p: store.teacher_batch(SPLIT, list(p.indices), **({"pin_memory": True} if pin else {})), depth=2)
+    try:
+        for _ in tqdm(plans, desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True):
+            (pending,) = stream.next_step()
+            host = pending.tokens()
+            teacher = pending.teacher().to(device, non_blocking=pin, head=head)
+            ids_BL = host.input_ids_BL.to(device, non_blocking=pin)
+            targets_N = host.targets_BL.reshape(-1)  # on the CPU: which positions count needs no device sync
+            student_NV = None
+            if model is not None:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    student_NV = model(ids_BL).logits
+                student_NV = student_NV.float().reshape(len(targets_N), -1)
+            for a in range(0, len(targets_N), chunk):
+                b = min(a + chunk, len(targets_N))
+                keep = targets_N[a:b] != IGNORE_INDEX
+                if not keep.any():
+                    continue
+                keep_dev = keep.to(device, non_blocking=pin)
+                t = targets_N[a:b][keep].to(device, non_blocking=pin)
+                t_logp = torch.log_softmax(teacher.logits(a, b)[keep_dev][:, :vocab_size], -1)
+                s_logp = t_logp if student_NV is None else torch.log_softmax(student_NV[a:b][keep_dev][:, :vocab_size], -1)
+                p = t_logp.exp()
+                tgt = s_logp.gather(1, t[:, None]).squeeze(1)
+                finite = torch.isfinite(tgt)
+                acc += torch.stack([torch.where(p > 0, p * (t_logp - s_logp), 0.0).sum().double(),
+                                    tgt[finite].sum().double(),
+                                    (s_logp.argmax(-1) == t_logp.argmax(-1)).sum().double(),
+                                    finite.sum().double(), (~finite).sum().double()])
+                n += len(t)
+    finally:
+        stream.close()
+    kl, neg_ce, agree, n_ce, zero = acc.tolist()
+    ce, n_ce, zero = -neg_ce, int(n_ce), int(zero)
     return {"perplexity": math.exp(ce / n_ce), "ce": ce / n_ce, "kl_to_teacher": kl / n,
             "top1_agreement": agree / n, "tokens": n, "zero_prob_targets": zero}
 
@@ -79,11 +103,15 @@ def run_evaluate(cfg: Config) -> Path:
     n_seq = store.num_sequences(SPLIT)
     indices = list(range(min(n_seq, cfg.evaluate.max_sequences or n_seq)))
     bs = cfg.evaluate.batch_size
-    log.info("evaluating on %d validation sequences of %s", len(indices), cfg.paths.logits)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    log.info("evaluating on %d validation sequences of %s on %s", len(indices), cfg.paths.logits, device)
+
+    def bf16(scfg):  # a student is scored the way it trained: bf16 autocast when train.dtype is bfloat16
+        return torch.bfloat16 if scfg.train.dtype == "bfloat16" else None
 
     vocab = store.vocab_size
     results: dict[str, dict] = {"teacher": {"model": cfg.teacher.model,
-                                            **score(None, store, indices, bs, vocab, desc="teacher")}}
+                                            **score(None, store, indices, bs, vocab, desc="teacher", device=device)}}
     _mark_teacher_perplexity(results["teacher"], store)
     inits: dict[str, dict] = {}
     for name, scfg in cfg.students.items():
@@ -92,17 +120,18 @@ def run_evaluate(cfg: Config) -> Path:
             raise EvaluateError(f"student {name} has no trained model in {folder / 'model'}; run "
                                 f"`distill-pipe train --student {name}` (or `dvc repro`)")
         check_student_lineage(name, folder, store)
-        model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32).eval()
+        model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32, device=device).eval()
         v = _compared_vocab(model.config.vocab_size, store)
         results[name] = {"alpha": scfg.train.alpha, "temperature": scfg.train.temperature,
-                         **score(model, store, indices, bs, v, desc=name)}
+                         **score(model, store, indices, bs, v, desc=name, device=device, autocast_dtype=bf16(scfg))}
         del model
         # what build_student depends on: the init, the seed (config inits), the calibration slice (num_layers)
         key = json.dumps([scfg.init, scfg.train.seed, scfg.train.calibration_tokens], sort_keys=True)
         if key not in inits:  # students that share an init are scored against it once
-            init_model = _init_model(cfg, scfg, store)
+            init_model = _init_model(cfg, scfg, store).to(device)
             v = _compared_vocab(init_model.config.vocab_size, store)
-            inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, v, desc=f"{name} init")}
+            inits[key] = {"init": scfg.init, **score(init_model, store, indices, bs, v, desc=f"{name} init",
+                                                     device=device, autocast_dtype=bf16(scfg))}
             del init_model
         results[name]["init"] = inits[key]
 
