@@ -185,7 +185,7 @@ def test_prefetch_changes_no_result(tmp_path, codec):
     runs = {}
     for depth in (0, 3):
         model = tiny_model(0, vocab_size=V)
-        c = cfg(alpha=0.5, prefetch=depth, max_steps=4, eval_steps=2, gradient_accumulation_steps=2)
+        c = cfg(alpha=0.5, temperature=1.0, prefetch=depth, max_steps=4, eval_steps=2, gradient_accumulation_steps=2)
         tr = DistillTrainer(model, c, data, store=store, out_dir=tmp_path / f"p{depth}", show_progress=False)
         tr.train()
         history = [(tmp_path / f"p{depth}" / "history" / f"{n}.csv").read_text().splitlines() for n in ("train", "eval")]
