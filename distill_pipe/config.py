@@ -42,6 +42,9 @@ class PathsConfig:
     """Output of `prepare`: packed token sequences (Zarr v3 group)."""
     logits: str = "stages/teacher_logits/logits.zarr"
     """Output of `teacher-logits`: the teacher-logit store (local path or fsspec URL)."""
+    manifest: str = "stages/teacher_logits/manifest.json"
+    """Local JSON file `teacher-logits` writes once the store is complete: what DVC tracks in place of the
+    store (its location, lineage and completion), so `dvc status` never reads the store."""
     train: str = "stages/train"
     """Parent folder of the per-student outputs (`<train>/<student>/`)."""
     evaluate: str = "stages/evaluate"
@@ -51,6 +54,9 @@ class PathsConfig:
         for f in dataclasses.fields(self):
             if not getattr(self, f.name):
                 raise ConfigError(f"{p}.{f.name} must be a non-empty path")
+        if "://" in self.manifest:
+            raise ConfigError(f"{p}.manifest must be a local path (DVC tracks it in place of the store), got "
+                              f"{self.manifest}; put the store itself on object storage with {p}.logits")
 
 
 @dataclass

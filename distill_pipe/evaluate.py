@@ -22,7 +22,7 @@ from distill_pipe import models
 from distill_pipe.config import Config
 from distill_pipe.losses import IGNORE_INDEX, default_chunk_size, shift_for_next_token
 from distill_pipe.prefetch import MicroBatchPlan, MicroBatchStream, host_tokens
-from distill_pipe.store import open_store
+from distill_pipe.store.manifest import open_manifested_store
 
 log = logging.getLogger(__name__)
 SPLIT = "validation"
@@ -98,8 +98,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
 
 def run_evaluate(cfg: Config) -> Path:
     out = Path(cfg.paths.evaluate)
-    store = open_store(cfg.paths.logits)
-    store.check_complete(SPLIT)
+    store = open_manifested_store(cfg.paths.logits, cfg.paths.manifest, [SPLIT])
     n_seq = store.num_sequences(SPLIT)
     indices = list(range(min(n_seq, cfg.evaluate.max_sequences or n_seq)))
     bs = cfg.evaluate.batch_size

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from distill_pipe import distributed, models
 from distill_pipe.config import Config
 from distill_pipe.data import DataError, open_tokens
+from distill_pipe.store.manifest import write_manifest
 from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
 from distill_pipe.store.format import StoreCorruptError
@@ -105,6 +106,10 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
                                     f"{failures[0][0]} shard {failures[0][1]}: {failures[0][2]}")
         if dist.is_main:
             log.info("repair: every shard of %s verified (checksums, values, decoded samples)", out)
+    if dist.is_main:
+        # Last, and only for a complete (and, with --repair, verified) store: DVC tracks this file in its place.
+        write_manifest(cfg.paths.manifest, store)
+        log.info("wrote %s (the store's manifest)", cfg.paths.manifest)
     return out
 
 

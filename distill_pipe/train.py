@@ -136,13 +136,10 @@ def _open_data(cfg: Config, tc) -> dict:
     """The sequences to train on and what identifies them: the store (alpha < 1) or tokens.zarr (alpha == 1)."""
     splits = ("train", "validation")
     if tc.alpha < 1:
-        from distill_pipe.store import open_store
+        from distill_pipe.store.manifest import open_manifested_store
 
-        store = open_store(cfg.paths.logits)
-        for split in splits:
-            if split not in store.splits:
-                raise TrainError(f"store {cfg.paths.logits} has no {split} split; rerun `distill-pipe teacher-logits`")
-            store.check_complete(split)  # StoreIncompleteError naming the missing shards
+        # a missing split or shard raises a one-line StoreError naming the rerun that finishes it
+        store = open_manifested_store(cfg.paths.logits, cfg.paths.manifest, splits)
         return {"kind": "teacher-logit store", "path": str(cfg.paths.logits), "store": store,
                 "data": {s: store.input_ids(s) for s in splits}, "tokenizer": store.info["tokenizer"],
                 "teacher_vocab": int(store.vocab_size),

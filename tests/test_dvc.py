@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, assert_one_line_error
 
 
 def sh(*args, cwd, check=True):
@@ -27,7 +27,11 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, tiny_teacher):
     """A git+DVC copy of the repository whose params use the tiny teacher and two tiny students."""
-    root = tmp_path_factory.mktemp("repo")
+    return tiny_repo(tmp_path_factory.mktemp("repo"), tiny_teacher)
+
+
+def tiny_repo(root: Path, tiny_teacher: Path, **paths) -> Path:
+    """Copy the repository's git files to `root` with tiny params (and `paths` overrides), as a git repo."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
         if (REPO / f).is_file():
@@ -41,6 +45,7 @@ def repo(tmp_path_factory, tiny_teacher):
                            calibration_tokens=64)
     params["students"] = {"kd20": {"init": {"from_teacher": {"num_layers": 1}}, "alpha": 0.5},
                           "ce20": {"init": {"from_teacher": {"num_layers": 1}}, "alpha": 1.0}}
+    params["paths"].update(paths)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh("git", "add", "-A", cwd=root)
@@ -122,8 +127,8 @@ def test_store_shared_through_a_dvc_remote(repo, tmp_path):
     a = tmp_path / "a"
     shutil.copytree(repo, a, ignore=shutil.ignore_patterns("plots_html"))
     spec = yaml.safe_load((a / "dvc.yaml").read_text())
-    (out,) = spec["stages"]["teacher_logits"]["outs"]
-    out["${paths.logits}"]["cache"] = True
+    # the store is no DVC output by default (its manifest is); the recipe adds it as a cached, persisted one
+    spec["stages"]["teacher_logits"]["outs"].append({"${paths.logits}": {"persist": True}})
     (a / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     sh("dvc", "repro", cwd=a)
     sh("dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=a)
@@ -139,6 +144,96 @@ def test_store_shared_through_a_dvc_remote(repo, tmp_path):
     students = yaml.safe_load((b / "params.yaml").read_text())["students"]
     # the students retrain (their outputs are not cached); prepare and the teacher do not run
     assert ran(out) == {f"train@{name}" for name in students} | {"evaluate"}, out
+
+
+MANIFEST = "stages/teacher_logits/manifest.json"
+STORE = "stages/teacher_logits/logits.zarr"
+
+
+def cli(*args, cwd) -> tuple[int, str]:
+    """A distill-pipe command in its own process: (exit code, stdout+stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["distill-pipe", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_dvc_tracks_the_manifest_never_the_store(repo):
+    sh("dvc", "repro", cwd=repo)
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    # the store is neither hashed as an output nor as any stage's dependency
+    tracked = {e["path"] for st in stages.values() for e in st.get("deps", []) + st.get("outs", [])}
+    assert not any("logits.zarr" in p for p in tracked), tracked
+    assert [o["path"] for o in stages["teacher_logits"]["outs"]] == [MANIFEST]
+    for name in ("train@kd20", "train@ce20", "evaluate"):
+        assert MANIFEST in [d["path"] for d in stages[name]["deps"]]
+    manifest = json.loads((repo / MANIFEST).read_text())
+    info = json.loads((repo / STORE / "zarr.json").read_text())["attributes"]
+    assert manifest["store"] == STORE and manifest["complete"] is True
+    assert manifest["codec"] == info["codec"] and manifest["teacher"] == info["teacher"]
+    assert manifest["data"] == {"fingerprint": info["data"]["fingerprint"]}
+    assert {s: m["shards_done"] for s, m in manifest["splits"].items()} == \
+        {s: m["num_shards"] for s, m in info["splits"].items()}
+    # the manifest is committable (the store is git-ignored): a clone knows the store is complete
+    assert MANIFEST not in sh("git", "status", "--short", "--ignored", cwd=repo).replace(f"!! {MANIFEST}", "")
+    # `dvc status` does not read the store: bytes added inside it go unnoticed
+    (repo / STORE / "padding").write_bytes(os.urandom(1 << 20))
+    try:
+        assert "up to date" in sh("dvc", "status", cwd=repo)
+    finally:
+        (repo / STORE / "padding").unlink()
+    # a lost manifest reruns the teacher stage, which finds the store complete and writes the same manifest:
+    # the students' dependency is unchanged, so they do not retrain
+    before = (repo / MANIFEST).read_bytes()
+    (repo / MANIFEST).unlink()
+    out = sh("dvc", "repro", cwd=repo)
+    assert ran(out) == {"teacher_logits"}, out
+    assert "0 of" in out and (repo / MANIFEST).read_bytes() == before
+
+
+def test_a_damaged_store_is_refused_then_finished_by_the_teacher_stage(repo, tmp_path):
+    """DVC cannot see a store deleted or damaged behind a complete manifest: the students and evaluate refuse
+    it in one line naming the rerun, and that rerun finishes it without retraining anyone."""
+    from distill_pipe.store import open_store
+
+    sh("dvc", "repro", cwd=repo)
+    manifest = (repo / MANIFEST).read_bytes()
+    store = open_store(repo / STORE, mode="r+")
+    store.array("train", "done")[1] = 0  # one shard flagged unfinished
+    assert "up to date" in sh("dvc", "status", cwd=repo)
+    code, out = cli("train", "--student", "kd20", "--set", f"paths.train={tmp_path}", cwd=repo)
+    assert_one_line_error(code, out, f"train shard 1 of {store.num_shards('train')} missing, though {MANIFEST} "
+                                     "says it is complete")
+    assert "dvc repro --force --single-item teacher_logits" in out
+    out = sh("dvc", "repro", "--force", "--single-item", "teacher_logits", cwd=repo)
+    assert ran(out) == {"teacher_logits"} and "1 of" in out, out
+    assert open_store(repo / STORE).completed_shards("train") == set(range(store.num_shards("train")))
+    assert (repo / MANIFEST).read_bytes() == manifest
+    assert ran(sh("dvc", "repro", cwd=repo)) == set()
+
+    shutil.rmtree(repo / STORE)
+    code, out = cli("evaluate", cwd=repo)
+    assert_one_line_error(code, out, f"{STORE} is missing, though {MANIFEST} says it is complete")
+    out = sh("dvc", "repro", "--force", "--single-item", "teacher_logits", cwd=repo)
+    assert ran(out) == {"teacher_logits"} and (repo / MANIFEST).read_bytes() == manifest
+    assert ran(sh("dvc", "repro", cwd=repo)) == set()
+
+
+def test_a_store_rewritten_outside_dvc_is_refused(repo, tmp_path):
+    """A store replaced by hand (here: another codec's store moved into its place) no longer matches the
+    manifest the students depend on."""
+    sh("dvc", "repro", cwd=repo)
+    other = tmp_path / "other.zarr"
+    code, out = cli("teacher-logits", "--set", f"paths.logits={other}", "--set", "teacher_logits.codec=dense-u8",
+                    "--set", f"paths.manifest={tmp_path / 'other.json'}", cwd=repo)
+    assert code == 0, out
+    shutil.move(repo / STORE, tmp_path / "kept.zarr")
+    shutil.move(other, repo / STORE)
+    try:
+        code, out = cli("train", "--student", "kd20", "--set", f"paths.train={tmp_path / 'train'}", cwd=repo)
+        assert_one_line_error(code, out, f"{STORE} differs from {MANIFEST} in codec")
+    finally:
+        shutil.rmtree(repo / STORE)
+        shutil.move(tmp_path / "kept.zarr", repo / STORE)
 
 
 def _imports(path: Path) -> set[str]:
