@@ -5,6 +5,7 @@ Tiny dims: V=97 vocab, d=16 hidden, L=8 positions, N sequences.
 
 import json
 import math
+import shutil
 import threading
 import time
 import uuid
@@ -588,3 +589,40 @@ def test_payload_and_head_disagree(tmp_path):
         from distill_pipe.store import write_shard
 
         write_shard(store, "train", 0, make_codec("dense-u8").encode(torch.randn(4, L, V - 1)))
+
+
+def test_manifest_only_of_a_complete_store_and_checked_by_readers(tmp_path):
+    from distill_pipe.store.manifest import ManifestMismatchError, open_manifested_store, write_manifest
+
+    ids = make_data(8)[3]
+    store, _, _ = build(tmp_path / "s", "dense-u8", n=8, shard_size=2, splits={"train": ids})
+    path = tmp_path / "dvc" / "manifest.json"
+    store.array("train", "done")[2] = 0
+    with pytest.raises(StoreIncompleteError, match="train shard 2 of 4 missing"):
+        write_manifest(path, store)
+    assert not path.parent.exists() or not any(path.parent.iterdir())  # nothing, not even a temp file
+    store.array("train", "done")[2] = 1
+    written = write_manifest(path, store)
+    assert json.loads(path.read_text()) == written and [p.name for p in path.parent.iterdir()] == ["manifest.json"]
+    assert written["store"] == str(tmp_path / "s") and written["complete"] is True
+    assert written["splits"] == {"train": {"num_sequences": 8, "num_shards": 4, "shards_done": 4}}
+    assert written["codec"]["name"] == "dense-u8" and written["teacher"] == {"source": "test"}
+    before = path.read_bytes()
+    write_manifest(path, open_store(tmp_path / "s"))  # no timestamps: the same store gives the same bytes
+    assert path.read_bytes() == before
+
+    assert open_manifested_store(str(tmp_path / "s"), path).num_sequences("train") == 8
+    store.array("train", "done")[3] = 0  # damaged after the manifest was written
+    with pytest.raises(StoreIncompleteError, match=f"train shard 3 of 4 missing, though {path} says it is "
+                                                   "complete .*dvc repro --force --single-item teacher_logits"):
+        open_manifested_store(str(tmp_path / "s"), path)
+    with pytest.raises(StoreIncompleteError, match="missing; rerun"):  # a manifest of another location is ignored
+        open_manifested_store(str(tmp_path / "s"), tmp_path / "none.json")
+    store.array("train", "done")[3] = 1
+    other = {**written, "codec": {"name": "dense-bf16", "params": {}}}
+    path.write_text(json.dumps(other))
+    with pytest.raises(ManifestMismatchError, match=f"differs from {path} in codec"):
+        open_manifested_store(str(tmp_path / "s"), path)
+    shutil.rmtree(tmp_path / "s")
+    with pytest.raises(NotAStoreError, match=f"{tmp_path / 's'} is missing, though {path} says it is complete"):
+        open_manifested_store(str(tmp_path / "s"), path)
