@@ -3,8 +3,11 @@
     python benchmarks/codecs.py                      # 8 x 256 positions of the builtin corpus (~8 min, 2 cores)
     python benchmarks/codecs.py --sequences 4 --quick
     python benchmarks/codecs.py --codecs dense-u8     # only that codec's rows (also: factored, dense-bf16, top-k)
+    python benchmarks/codecs.py --codecs dense-u8 --quick --corpus python-source --temps 0.5,1,1.5,2
 
-Teacher: builtin:smollm2-135m in fp32. Corpus: CPython's pydoc topics joined with EOS. For every codec setting
+Teacher: builtin:smollm2-135m in fp32. Corpus (--corpus): `pydoc`, CPython's pydoc topics joined with EOS (the
+demo's); `python-source`, this Python's standard-library modules (Lib/*.py, sorted by name); or a text file.
+The header line gives the teacher's mean entropy at T=1 over the positions, which sets dense-u8's size. For every codec setting
 the payload really goes through a zarr store on local disk (create_store + ShardWriter), and is read back
 with open_store/teacher_batch. Columns:
   B/token    payload bytes on disk / tokens (the factored head is stored once: reported below the table)
@@ -12,6 +15,7 @@ with open_store/teacher_batch. Columns:
   TV@T       mean over positions of 1/2 sum |p_T - q_T|, p_T = softmax(teacher fp32 logits / T)
   KL(t||r)   mean KL(teacher || reconstruction) at T: infinite when the reconstruction drops tokens (-inf)
   KL(r||t)   mean KL(reconstruction || teacher) at T: finite for truncating codecs too
+  kept       mean number of tokens per position with non-zero probability in the reconstruction
   enc, dec   MB/s of raw bf16 logits equivalent (2 V bytes/token): encode = codec.encode + compress + write;
              decode = read + decompress + fp32 logits for every position
 Top-k rows (DistillKit-style: keep the k largest probabilities, renormalise) store token ids (uint16) and fp16
@@ -36,14 +40,27 @@ from zarr.codecs import BloscCodec  # noqa: E402
 from distill_pipe.store import Head, ShardWriter, create_store, head_from_model, make_codec, open_store  # noqa: E402
 from distill_pipe.store.inspect import bytes_under  # noqa: E402
 
-TEMPS = (1.0, 2.0, 4.0)
+TEMPS = [1.0, 2.0, 4.0]  # --temps replaces it; T=1 always included (the entropy)
 
 
-def corpus_ids(tok, n_tokens: int) -> list[int]:
-    from pydoc_data.topics import topics
+def corpus_text(corpus: str, eos: str) -> str:
+    if corpus == "pydoc":
+        from pydoc_data.topics import topics
 
-    text = tok.eos_token.join(topics[k] for k in sorted(topics))
-    ids = tok(text)["input_ids"]
+        return eos.join(topics[k] for k in sorted(topics))
+    if corpus == "python-source":
+        import glob
+        import sysconfig
+
+        files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+        return eos.join(open(f, encoding="utf-8", errors="replace").read() for f in files)
+    with open(corpus, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def corpus_ids(tok, n_tokens: int, corpus: str = "pydoc") -> list[int]:
+    text = corpus_text(corpus, tok.eos_token)
+    ids = tok(text[:40 * n_tokens])["input_ids"]  # a token is well under 40 characters: no need for the rest
     if len(ids) < n_tokens:
         raise ValueError(f"the corpus has {len(ids)} tokens, fewer than the {n_tokens} asked for")
     return ids[:n_tokens]
@@ -72,6 +89,7 @@ class Metrics:
     def __init__(self, ref: Reference):
         self.ref = ref
         self.sums = {(m, T): 0.0 for m in ("tv", "kl_tr", "kl_rt") for T in TEMPS}
+        self.kept = 0
         self.n = 0
 
     def add(self, start: int, rec_PV: torch.Tensor) -> None:
@@ -81,8 +99,9 @@ class Metrics:
             lq = torch.log_softmax(rec_PV / T, -1)
             p, q = lp.exp(), lq.exp()
             self.sums["tv", T] += 0.5 * (p - q).abs().sum(-1).sum().item()
-            self.sums["kl_tr", T] += (p * (lp - lq)).sum(-1).sum().item()  # inf where q = 0 < p
+            self.sums["kl_tr", T] += torch.where(p > 0, p * (lp - lq), 0.0).sum(-1).sum().item()  # inf: q = 0 < p
             self.sums["kl_rt", T] += torch.where(q > 0, q * (lq - lp), 0.0).sum(-1).sum().item()
+        self.kept += int(torch.isfinite(rec_PV).sum())
         self.n += rec_PV.shape[0]
 
     def mean(self, m: str, T: float) -> float:
@@ -171,6 +190,15 @@ def run_topk(k_top, h_NLD, head, root, shard_size, chunk, ref):
     return nbytes, metrics, t_enc, t_dec
 
 
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=8, help="sequences evaluated (positions = sequences x seq-len)")
@@ -184,7 +212,13 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temporary folder)")
     ap.add_argument("--codecs", default="factored,dense-bf16,dense-u8,top-k",
                     help="comma-separated rows to run: factored, dense-bf16, dense-u8, top-k")
+    ap.add_argument("--corpus", default="pydoc", help="pydoc (default), python-source, or a path to a text file")
+    ap.add_argument("--temps", default="1,2,4", help="comma-separated temperatures of the TV / KL columns")
+    ap.add_argument("--settings", default=None,
+                    help="the codec rows instead of the built-in list, ';'-separated, e.g. "
+                         "'dense-u8;dense-u8:tail_mass=3e-3,exact_top_k=0' (values are read as numbers when they are)")
     args = ap.parse_args()
+    TEMPS[:] = sorted({1.0, *(float(t) for t in args.temps.split(","))})
     wanted = set(args.codecs.split(","))
     unknown = wanted - {"factored", "dense-bf16", "dense-u8", "top-k"}
     if unknown:
@@ -197,7 +231,7 @@ def main() -> None:
     tok = load_tokenizer("builtin:smollm2-135m")
     model = load_causal_lm("builtin:smollm2-135m", dtype=torch.float32).eval()
     n_all = args.sequences + (args.calib_sequences if "factored" in wanted else 0)
-    ids = torch.tensor(corpus_ids(tok, n_all * args.seq_len)).view(n_all, args.seq_len)
+    ids = torch.tensor(corpus_ids(tok, n_all * args.seq_len, args.corpus)).view(n_all, args.seq_len)
     h_all = teacher_hidden(model, ids, args.batch)
     head_dict = head_from_model(model)
     del model
@@ -206,8 +240,8 @@ def main() -> None:
     V = head_dict["weight"].shape[0]
     head = Head(head_dict["weight"], head_dict["bias"], head_dict["final_logit_softcapping"],
                 head_dict["logit_scale"])
-    print(f"teacher builtin:smollm2-135m fp32 (V={V}, d={d}); {N * L} positions ({N} x {L}) of pydoc topics; "
-          f"setup {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}", flush=True)
+    print(f"teacher builtin:smollm2-135m fp32 (V={V}, d={d}); {N * L} positions ({N} x {L}) of corpus "
+          f"{args.corpus}; setup {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}", flush=True)
 
     settings = [("factored", {}), ("dense-bf16", {}), ("dense-u8", {})]
     if not args.quick:
@@ -225,11 +259,17 @@ def main() -> None:
             ("dense-u8", {"gamma": 0.0, "step": 1 / 16, "tail_mass": 1e-3}),
             ("dense-u8", {"gamma": 0.0, "step": 1 / 16, "tail_mass": 1e-2}),
         ]
+    if args.settings:
+        settings = []
+        for row in args.settings.split(";"):
+            name, _, kv = row.partition(":")
+            params = dict(item.split("=", 1) for item in kv.split(",")) if kv else {}
+            settings.append((name, {k: _number(v) for k, v in params.items()}))
     settings = [(name, params) for name, params in settings if name in wanted]
     raw = 2 * V
     mb = N * L * raw / 1e6
-    header = ("| codec | params | B/token | x bf16 | TV@1 | TV@2 | TV@4 | KL(t‖r)@1 | KL(t‖r)@2 | KL(t‖r)@4 | "
-              "KL(r‖t)@1 | KL(r‖t)@2 | KL(r‖t)@4 | enc MB/s | dec MB/s |")
+    header = "| codec | params | B/token | x bf16 | " + " | ".join(
+        f"{m}@{T:g}" for m in ("TV", "KL(t‖r)", "KL(r‖t)") for T in TEMPS) + " | kept | enc MB/s | dec MB/s |"
     rows, head_bytes = [], 0
 
     def row(name, params, nbytes, m, t_enc, t_dec):
@@ -238,13 +278,24 @@ def main() -> None:
         cells += [f"{m.mean('tv', T):.2g}" for T in TEMPS]
         cells += [f"{m.mean('kl_tr', T):.2g}" for T in TEMPS]
         cells += [f"{m.mean('kl_rt', T):.2g}" for T in TEMPS]
-        cells += [f"{mb / t_enc:,.0f}", f"{mb / t_dec:,.0f}"]
+        cells += [f"{m.kept / m.n:,.0f}", f"{mb / t_enc:,.0f}", f"{mb / t_dec:,.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
         print(rows[-1], flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         ref = Reference(h_NLD.reshape(-1, d), head, args.chunk)
-        print(header + "\n|" + "---|" * 15, flush=True)
+        lp1 = ref.lp[1.0]
+        entropy = -(lp1.exp() * lp1).nan_to_num_(0.0).sum(-1)  # (P,) nats at T=1
+        tgt = ids[:N, 1:].reshape(-1)
+        ce = -lp1.view(N, L, V)[:, :-1].reshape(-1, V).gather(1, tgt[:, None]).mean().item()
+        # tokens needed to hold 1 - 1e-3 of the mass (dense-u8's default tail_mass): what sets dense-u8's size
+        support = torch.cat([(lp1[s:s + args.chunk].exp().sort(-1, descending=True).values.cumsum(-1) < 1 - 1e-3)
+                             .sum(-1) + 1 for s in range(0, N * L, args.chunk)]).float()
+        print(f"teacher at T=1 on these positions: mean entropy {entropy.mean():.2f} nats (median "
+              f"{entropy.median():.2f}, mean exp(entropy) {entropy.exp().mean():.0f} tokens), perplexity "
+              f"{math.exp(ce):.1f}; tokens holding 99.9% of the mass: mean {support.mean():,.0f}, median "
+              f"{support.median():,.0f}", flush=True)
+        print(header + "\n|" + "---|" * (header.count("|") - 1), flush=True)
         for name, params in settings:
             nbytes, hb, m, te, td = run_codec(name, params, h_NLD, head_dict, calib_PD, root, args.shard_size,
                                               args.chunk, ref)
