@@ -244,16 +244,19 @@ def test_topk_codec_against_fp64_reference(tmp_path):
         tb.sparse_targets(0, 16, 3.0)
 
 
-def test_ids_beyond_65536_are_int32():
-    V = 70_000
+@pytest.mark.parametrize("V, dtype", [(49_152, np.uint16), (70_000, np.int32)])
+def test_large_ids_round_trip(V, dtype):
+    """Ids above int16's range in uint16 (V <= 65,536), int32 beyond."""
     logits = torch.randn(1, 2, V)
-    logits[0, :, 69_999] = 30.0
+    logits[0, :, V - 1] = 30.0
     for name, params in (("sampled", {"draws": 4}), ("topk", {"k": 3})):
         codec = make_codec(name, **params)
         specs = codec.payload_specs(V, None)
-        ids = next(v for k, v in codec.encode(logits).items() if k.endswith("ids"))
-        assert specs[next(k for k in specs if k.endswith("ids"))].dtype == np.int32 and ids.dtype == torch.int32
-        assert 69_999 in ids.flatten().tolist()
+        payload = {k: v.reshape(2, *v.shape[2:]) for k, v in codec.encode(logits).items()}
+        ids = next(v for k, v in payload.items() if k.endswith("ids"))
+        assert specs[next(k for k in specs if k.endswith("ids"))].dtype == dtype and ids.numpy().dtype == dtype
+        t = codec.sparse_targets(payload, 1.0)
+        assert (t.ids_CK[t.probs_CK > 0.5] == V - 1).all() and (t.probs_CK > 0.5).sum() == 2
 
 
 @pytest.mark.parametrize("name, params, message", [

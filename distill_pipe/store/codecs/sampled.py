@@ -77,14 +77,13 @@ class SampledCodec(SparseCodec):
             slot = new.long().cumsum(-1) - 1  # (c, n): the unique id's slot of each draw
             ids_PS[s:s + chunk].scatter_(1, slot, draws_cn)
             counts_PS[s:s + chunk].scatter_add_(1, slot, torch.ones_like(slot))
-        ids_dtype = getattr(torch, self.ids_dtype(V).name)
-        return {"sample_ids": ids_PS.to(ids_dtype).reshape(B, L, n),
+        return {"sample_ids": self.ids_to_payload(ids_PS, V).reshape(B, L, n),
                 "sample_counts": counts_PS.to(torch.uint8).reshape(B, L, n),
                 "entropy": entropy_P.to(torch.float16).reshape(B, L, 1)}
 
     def sparse_targets(self, payload, temperature: float) -> SparseTargets:
         self.require_temperature(temperature)
-        ids = payload["sample_ids"].long()
+        ids = self.ids_from_payload(payload["sample_ids"])
         w = payload["sample_counts"].float() / self.draws
         return SparseTargets(ids, w, None, -payload["entropy"].float().squeeze(-1))
 

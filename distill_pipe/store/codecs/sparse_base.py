@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from distill_pipe.store.codecs.base import Codec
 
@@ -35,6 +36,16 @@ class SparseCodec(Codec):
     @staticmethod
     def ids_dtype(vocab_size: int) -> np.dtype:
         return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+    @staticmethod
+    def ids_to_payload(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """int64 ids -> the payload dtype, through int16 (wraps to the same low 16 bits): CUDA kernels for
+        uint16 are few, a view is metadata only."""
+        return ids.to(torch.int16).view(torch.uint16) if vocab_size <= 2**16 else ids.to(torch.int32)
+
+    @staticmethod
+    def ids_from_payload(ids: torch.Tensor) -> torch.Tensor:
+        return ids.view(torch.int16).long() & 0xFFFF if ids.dtype == torch.uint16 else ids.long()
 
     def temperatures(self) -> tuple[float, ...]:
         """Training temperatures whose targets this store represents exactly."""

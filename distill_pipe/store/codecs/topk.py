@@ -77,8 +77,7 @@ class TopKCodec(SparseCodec):
             rest = z.scatter(1, top.indices, -math.inf)
             for j, T in enumerate((1.0, self.temperature)):
                 tail_P2[s:s + chunk, j] = (rest / T).logsumexp(-1) - (z / T).logsumexp(-1)
-        ids_dtype = getattr(torch, self.ids_dtype(V).name)
-        return {"top_ids": ids_PK.to(ids_dtype).reshape(B, L, k),
+        return {"top_ids": self.ids_to_payload(ids_PK, V).reshape(B, L, k),
                 "top_logits": r_PK.to(torch.float16).reshape(B, L, k),
                 "tail_logmass": tail_P2.to(torch.float16).reshape(B, L, 2)}
 
@@ -90,7 +89,7 @@ class TopKCodec(SparseCodec):
         log_p_PK = log_top_PK + torch.log1p(-log_m_P.exp().clamp(max=1.0)).unsqueeze(1)  # (1 - m) * softmax
         p_PK, m_P = log_p_PK.exp(), log_m_P.exp()
         neg_entropy = (p_PK * log_p_PK).nan_to_num_(0.0).sum(-1) + (m_P * log_m_P).nan_to_num_(0.0)
-        return SparseTargets(payload["top_ids"].long(), p_PK, m_P, neg_entropy)
+        return SparseTargets(self.ids_from_payload(payload["top_ids"]), p_PK, m_P, neg_entropy)
 
     def decode(self, payload, head):
         """logits l with softmax(l / Ts) = the top k exactly and the tail's mass spread evenly over the rest."""
