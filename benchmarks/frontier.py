@@ -235,7 +235,9 @@ def main() -> None:
 
     teacher = models.load_causal_lm(cfg.teacher.model, dtype=torch.float32).eval()
     spec = scfg.init.get("from_teacher", {})
-    if "num_layers" in spec:
+    if args.stores_only:
+        layers = list(range(teacher.config.num_hidden_layers))  # no student is trained
+    elif "num_layers" in spec:
         calib = calibration_ids(splits["train"], tc.calibration_tokens)
         t0 = time.perf_counter()
         selection, hit = cached_select_layers(teacher.to(device), calib, spec["num_layers"],
