@@ -123,3 +123,213 @@ def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatc
     shard_file("logprobs_u8", "validation", 0).unlink()
     code, out = run_cli("evaluate")
     assert_one_line_error(code, out, "teacher-logits --repair")
+
+
+# ---------------------------------------------------------------- SIGKILLs at random moments, real processes
+
+KILLS = 10
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    from faultkit import Zygote
+
+    z = Zygote()
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope="module")
+def kill_project(tmp_path_factory, tiny_teacher, zygote) -> Path:
+    """A project with tokens.zarr; stores and students are made by each test."""
+    root = write_project(tmp_path_factory.mktemp("kills"), tiny_teacher, doc_chars=700, seq_len=16,
+                         teacher_logits={"codec": "factored", "shard_size": 4, "batch_size": 4})
+    codes, out = zygote.run(root, "prepare")
+    assert codes == [0], out
+    return root
+
+
+def tokens_snapshot(path: Path) -> tuple[dict, dict]:
+    root = zarr.open_group(str(path), mode="r")
+    return ({f"{s}/{n}": a[...] for s in ("train", "validation") for n, a in root[s].arrays()}, dict(root.attrs))
+
+
+def test_sigkills_in_prepare_then_rerun_give_identical_tokens(kill_project, zygote, tmp_path):
+    import time
+
+    from faultkit import kill_and_rerun
+
+    root = tmp_path / "p"
+    shutil.copytree(kill_project, root)
+    tokens = root / "stages" / "prepare" / "tokens.zarr"
+    ref_arrays, ref_attrs = tokens_snapshot(tokens)
+    shutil.rmtree(tokens)
+    t0 = time.perf_counter()
+    assert zygote.run(root, "prepare")[0] == [0]
+    duration = time.perf_counter() - t0
+    rng = np.random.default_rng(13)
+    stats = kill_and_rerun(zygote, root, ("prepare",), ("prepare",), kills=KILLS, rng=rng, marker="",
+                           max_delay=duration, restart=lambda: None)
+    assert stats["kills"] == KILLS
+    arrays, attrs = tokens_snapshot(tokens)
+    assert_same_arrays(arrays, ref_arrays)
+    assert attrs == ref_attrs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigkills_in_teacher_logits_then_rerun_give_an_identical_store(kill_project, zygote, tmp_path, world):
+    from faultkit import kill_and_rerun
+
+    from distill_pipe.store import open_store
+
+    root = tmp_path / "p"
+    shutil.copytree(kill_project, root)
+    store = root / LOGITS
+    slow = {"distill_pipe.teacher._step": 0.1}
+    codes, out = zygote.run(root, "teacher-logits", world=world)
+    assert codes == [0] * world, out
+    reference = store_arrays(store)
+    shutil.rmtree(store)
+    stats = kill_and_rerun(zygote, root, ("teacher-logits",), ("teacher-logits",), kills=KILLS,
+                           rng=np.random.default_rng(world), marker="inside distill_pipe.teacher._step", max_delay=0.3, max_count=4,
+                           world=world, slow=slow, restart=lambda: shutil.rmtree(store, ignore_errors=True))
+    assert stats["kills"] == KILLS
+    print(f"teacher-logits world {world}: {stats}")
+    assert_same_arrays(store_arrays(store), reference)
+    assert open_store(store).verify() == []
+
+
+def test_a_full_disk_mid_store_leaves_a_store_the_rerun_completes(kill_project, zygote, tmp_path):
+    """RLIMIT_FSIZE below a shard object's size: the shard write fails (EFBIG, as on a full disk) after some
+    shards were written; a one-line error names the fix and the plain rerun completes the store."""
+    root = tmp_path / "p"
+    shutil.copytree(kill_project, root)
+    store = root / LOGITS
+    args = ("teacher-logits", "--set", "teacher_logits.codec=dense-bf16")
+    assert zygote.run(root, *args)[0] == [0]
+    reference = store_arrays(store)
+    shard_bytes = min(p.stat().st_size for p in (store / "train" / "logits_bf16" / "c").rglob("*") if p.is_file())
+    shutil.rmtree(store)
+    # some shards first: a run killed part-way
+    zygote.start(root, *args, slow={"distill_pipe.teacher._step": 0.1})
+    assert zygote.wait_for("shards to compute")
+    import time
+
+    time.sleep(1.0)
+    zygote.kill()
+    zygote.wait()
+    codes, out = zygote.run(root, *args, fsize=shard_bytes // 2)
+    assert codes == [1], out
+    assert_one_line_error(1, out, "free space (or fix the storage) and rerun `distill-pipe teacher-logits`")
+    assert zygote.run(root, *args)[0] == [0]
+    assert_same_arrays(store_arrays(store), reference)
+
+
+def assert_published_model_is_whole(out: Path) -> None:
+    """model/ absent (no eval yet) or a complete folder; metrics.json names the step model/ holds."""
+    import json
+
+    if not (out / "model").exists():
+        return
+    note = json.loads((out / "model" / "distill_pipe.json").read_text())
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert json.loads((out / "metrics.json").read_text())["best_step"] == note["step"]
+
+
+def set_students(root: Path, world: int) -> None:
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(batch_size=2 // world, max_steps=12, eval_steps=2, save_steps=1, keep_last=1,
+                           warmup_steps=1, max_eval_sequences=4, calibration_tokens=32)
+    init = {"config": {"num_hidden_layers": 1}}
+    params["students"] = {"ref": {"init": init}, "k": {"init": init}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def student_snapshot(out: Path) -> dict:
+    import json
+
+    from safetensors.numpy import load_file
+
+    hist = {n: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv_rows(out / "history" / f"{n}.csv")]
+            for n in ("train", "eval")}
+    m = json.loads((out / "metrics.json").read_text())
+    return {"history": hist, "weights": load_file(out / "model" / "model.safetensors"),
+            "metrics": {k: m[k] for k in ("best_eval_loss", "best_step", "final_eval_loss", "steps", "tokens")}}
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_student(a: dict, b: dict) -> None:
+    assert a["history"] == b["history"] and a["metrics"] == b["metrics"]
+    assert_same_arrays(a["weights"], b["weights"])
+
+
+@pytest.fixture(scope="module")
+def store_project(kill_project, zygote, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("kills_store") / "p"
+    shutil.copytree(kill_project, root)
+    codes, out = zygote.run(root, "teacher-logits")
+    assert codes == [0], out
+    return root
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigkills_in_train_then_resume_give_the_uninterrupted_student(store_project, zygote, tmp_path, world):
+    from faultkit import kill_and_rerun
+
+    root = tmp_path / "p"
+    shutil.copytree(store_project, root)
+    set_students(root, world)
+    codes, out = zygote.run(root, "train", "--student", "ref", world=world)
+    assert codes == [0] * world, out
+    reference = student_snapshot(root / "stages" / "train" / "ref")
+    out_k = root / "stages" / "train" / "k"
+    at_kill = []  # the checkpoint each kill left: the kills must spread over the run, not all hit start-up
+
+    def after_kill():
+        assert_published_model_is_whole(out_k)
+        latest = out_k / "checkpoints" / "latest"
+        at_kill.append(latest.read_text() if latest.exists() else None)
+
+    stats = kill_and_rerun(zygote, root, ("train", "--student", "k", "--resume"), ("train", "--student", "k", "--resume"),
+                           kills=KILLS, rng=np.random.default_rng(10 + world),
+                           marker="inside distill_pipe.trainer:Trainer.train_step", max_delay=0.5, max_count=4,
+                           world=world, slow={"distill_pipe.trainer:Trainer.train_step": 0.1},
+                           after_kill=after_kill, restart=lambda: shutil.rmtree(out_k))
+    assert stats["kills"] == KILLS
+    print(f"train world {world}: {stats}, checkpoints at the kills: {at_kill}")
+    assert len(set(at_kill)) >= 3, at_kill
+    assert_same_student(student_snapshot(out_k), reference)
+
+
+KILL_POINTS = [
+    ("distill_pipe.models.save_pretrained_quietly", 2),  # inside an export: its folder half-written
+    ("distill_pipe.train._symlink_atomic", 3),  # an export complete, not yet published
+    ("torch.save", 5),  # inside a checkpoint save: DCP files written, trainer.pt not
+    ("distill_pipe.trainer._write_atomic", 2),  # a checkpoint renamed into place, `latest` not yet moved
+]
+
+
+@pytest.mark.parametrize("target, nth", KILL_POINTS)
+def test_sigkill_inside_a_checkpoint_save_or_an_export(store_project, zygote, tmp_path, target, nth):
+    root = tmp_path / "p"
+    shutil.copytree(store_project, root)
+    set_students(root, 1)
+    codes, out = zygote.run(root, "train", "--student", "ref")
+    assert codes == [0], out
+    out_k = root / "stages" / "train" / "k"
+    zygote.start(root, "train", "--student", "k", slow={target: 5.0})
+    assert zygote.wait_for(f"inside {target}", count=nth), zygote.output()[-3000:]
+    zygote.kill()
+    assert zygote.wait() == [-9]
+    assert_published_model_is_whole(out_k)
+    codes, out = zygote.run(root, "train", "--student", "k", "--resume")
+    assert codes == [0], out
+    assert_same_student(student_snapshot(out_k), student_snapshot(root / "stages" / "train" / "ref"))

@@ -203,6 +203,10 @@ class ShardWriter:
 
     def _raise_error(self) -> None:
         if self._error is not None:
+            if isinstance(self._error, OSError):  # a full disk, a lost mount: the user can act on it
+                raise StoreError(f"writing {self.split} shards of {self.store.location} failed ({self._error}); "
+                                 "free space (or fix the storage) and rerun `distill-pipe teacher-logits`: the "
+                                 "finished shards are kept") from self._error
             raise RuntimeError(f"writing {self.split} shards failed: {self._error}") from self._error
 
     def submit(self, shard_index: int, payload: dict) -> None:
