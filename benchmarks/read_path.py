@@ -6,8 +6,10 @@
 Part 1, read + decompress (`LogitStore.teacher_batch`: fetch, checksum, decompress into one CPU payload,
 before any decode) in one process, on random batches of 4 whole sequences, for every codec registered in
 store/codecs CODECS, at the builtin teacher's shapes (d=576, V=49,152) and at Llama-3-8B's (d=4096,
-V=128,256). Each store is read two ways, batch by batch in turn: the fast path (store/shards.py) and zarr's
-own indexing (`teacher_batch(fast=False)`, what every read went through before). Cores used = process CPU
+V=128,256), and dense-u8 as earlier stores laid it out (transposed vocab-major inside each chunk). Each
+store is read two ways, batch by batch in turn: the fast path (store/shards.py) and zarr's own indexing
+(`teacher_batch(fast=False)`, what every read went through before). "Before" for dense-u8 = the transposed
+store through zarr's indexing; "now" = a new store through the fast path. Cores used = process CPU
 time / wall time during the fast reads. The stores sit in the page cache (just written): this measures the
 CPU cost of reading, not a disk.
 
@@ -37,18 +39,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from zarr.codecs import TransposeCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_pipe.config import TrainConfig  # noqa: E402
 from distill_pipe.losses import LossSums  # noqa: E402
 from distill_pipe.store import create_store, make_codec, open_store  # noqa: E402
-from distill_pipe.store.codecs import CODECS  # noqa: E402
+from distill_pipe.store.codecs import CODECS, DenseU8Codec, PayloadSpec  # noqa: E402
+from distill_pipe.store.codecs.base import zstd_crc  # noqa: E402
 from distill_pipe.store.shards import decode_threads  # noqa: E402
 from distill_pipe.store.writer import write_shard  # noqa: E402
 from distill_pipe.trainer import DistillTrainer  # noqa: E402
 
 SHAPES = {"builtin": (576, 49152), "llama3-8b": (4096, 128256)}
+LEGACY = "dense-u8-transposed"  # the dense-u8 layout of earlier stores, as a baseline (still readable)
 TARGET_ENTROPY = 2.5
 
 
@@ -73,8 +78,18 @@ def synthetic_teacher(d: int, V: int, seed: int = 0):
     return W * s, prior, entropy(s)
 
 
+class TransposedDenseU8(DenseU8Codec):
+    """dense-u8 as stores were written before: logprobs_u8 transposed vocab-major inside each chunk."""
+
+    def payload_specs(self, vocab_size, hidden_size):
+        specs = super().payload_specs(vocab_size, hidden_size)
+        specs["logprobs_u8"] = PayloadSpec((vocab_size,), np.dtype(np.uint8), (TransposeCodec(order=(0, 2, 1)),),
+                                           zstd_crc(self.zstd_level))
+        return specs
+
+
 def build_store(path: Path, codec_name: str, d: int, V: int, W, prior, n_seq: int, seq_len: int, shard: int):
-    codec = make_codec(codec_name)
+    codec = TransposedDenseU8() if codec_name == LEGACY else make_codec(codec_name)
     head = {"weight": W, "bias": prior} if codec.input_kind == "hidden" else None
     rng = np.random.default_rng(0)
     ids = rng.integers(0, V, (n_seq, seq_len)).astype(np.int32)
@@ -158,7 +173,8 @@ def step_seconds(store, prefetch: int, compute_s: float, steps: int, out: Path) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--codecs", nargs="*", default=list(CODECS), help="default: every registered codec")
+    ap.add_argument("--codecs", nargs="*", default=[*CODECS, LEGACY],
+                    help=f"default: every registered codec and {LEGACY} (the dense-u8 layout of earlier stores)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--sequences", type=int, default=16, help="sequences per store (4 shards of 4)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed reads per codec and path (at least 2 batches)")
@@ -168,7 +184,7 @@ def main() -> None:
     ap.add_argument("--skip-overlap", action="store_true")
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp folder, removed)")
     args = ap.parse_args()
-    unknown = sorted(set(args.codecs) - set(CODECS))
+    unknown = sorted(set(args.codecs) - set(CODECS) - {LEGACY})
     if unknown:
         sys.exit(f"error: unknown codec(s) {', '.join(unknown)}; registered: {', '.join(CODECS)}")
 

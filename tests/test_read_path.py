@@ -228,3 +228,15 @@ def test_evaluate_score_equals_an_explicit_loop(tmp_path, codec):
     assert teacher["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6) and teacher["top1_agreement"] == 1.0
     bf16 = score(model, store, [0, 1, 2, 3], batch_size=2, vocab_size=V, autocast_dtype=torch.bfloat16)
     assert bf16["tokens"] == n and bf16["ce"] == pytest.approx(ce / n, rel=0.05)  # bf16 forward: close, not equal
+
+
+def test_fast_path_reads_an_fsspec_store(tmp_path):
+    """memory:// (fsspec, the object-storage route): ranged and suffix gets through the store's own API."""
+    import uuid
+
+    url = f"memory://read-path-{uuid.uuid4().hex}/s.zarr"
+    build(url, "dense-u8", n=10, shard_size=4)
+    store = open_store(url)
+    assert store._fast_layouts("train") is not None
+    idx = [9, 0, 4, 4]
+    assert same_payload(store.teacher_batch("train", idx).payload, store.teacher_batch("train", idx, fast=False).payload)
