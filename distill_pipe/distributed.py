@@ -107,6 +107,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "model.layers / transformer.h")
 
 
+def unwrapped_class(model: nn.Module) -> type:
+    """The model's own class: fully_shard swaps in a subclass named FSDP<Class>, which must not leak into
+    what a store records (a store made by 2 ranks must resume with 1)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root.
 

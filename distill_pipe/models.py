@@ -148,6 +148,117 @@ def load_causal_lm(spec: str | ModelSource, dtype: torch.dtype | str = torch.flo
     return model
 
 
+def safetensors_index(src: ModelSource) -> dict[str, Path] | None:
+    """Checkpoint key -> .safetensors file of a local or cached-hub model folder; None if it has none (GGUF,
+    .bin): such a model can only be loaded whole."""
+    if src.gguf_file:
+        return None
+    folder = Path(src.path)
+    if src.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:  # the cached snapshot only: a sharded load never downloads
+            folder = Path(snapshot_download(src.path, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception:  # noqa: BLE001 - not fully cached: the whole-model path downloads as usual
+            return None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_causal_lm_sharded(src: ModelSource, dtype: torch.dtype, device: torch.device, wrap: Callable):
+    """Build the model on the meta device, shard it with `wrap` (FSDP2 `fully_shard`), allocate only this
+    rank's shards on `device` and fill them from the safetensors, each rank reading only its own rows, cast
+    to `dtype` on the way. The whole model never exists on one host. Returns None when the checkpoint does
+    not hold every parameter under the model's own names (e.g. a format transformers converts on load):
+    the caller then loads the model whole."""
+    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+
+    index = safetensors_index(src)
+    if index is None:
+        return None
+    config = load_config(src)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in index]
+    if missing:
+        log.warning("%s: parameter %s is not in its safetensors under that name; loading the model whole on "
+                    "each rank instead", src.spec, missing[0])
+        return None
+    model.eval()
+    model = wrap(model)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            start = _shard_offset(param, local)
+            # open per tensor: only this slice's pages are ever mapped, so host memory stays at one shard
+            with safe_open(index[name], framework="pt") as f:
+                rows = f.get_slice(name)[start:start + local.shape[0]] if local.dim() else f.get_tensor(name)
+            if tuple(rows.shape) != tuple(local.shape):
+                raise ModelSpecError(f"{src.spec}: {name} has shape {tuple(rows.shape)} rows in the checkpoint, "
+                                     f"the model expects {tuple(local.shape)}")
+            local.copy_(rows.to(dtype))
+        _fill_buffers(model, index, device)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("loaded model %s shard by shard: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__,
+             n / 1e6, dtype, device)
+    return model
+
+
+def _shard_offset(param, local: torch.Tensor) -> int:
+    """First row of this rank's shard: FSDP2 shards dim 0 like torch.chunk (ceil(n / world) rows each)."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return 0
+    world, rank = mesh.size(), mesh.get_local_rank()
+    rows = param.shape[0]
+    per = -(-rows // world)
+    start = min(rank * per, rows)
+    assert local.shape[0] == max(0, min(per, rows - start)), (param.shape, local.shape, rank, world)
+    return start
+
+
+def _fill_buffers(model, index: dict[str, Path], device: torch.device) -> None:
+    """After meta init + to_empty, buffers hold garbage: load those in the checkpoint, and recompute the
+    others (rotary inv_freq) by building their module again from its config, which is small and cheap."""
+    from safetensors import safe_open
+
+    for mod_name, mod in model.named_modules():
+        own = dict(mod.named_buffers(recurse=False))
+        if not own:
+            continue
+        fresh = None
+        for b_name, buf in own.items():
+            key = f"{mod_name}.{b_name}" if mod_name else b_name
+            if key in index:
+                with safe_open(index[key], framework="pt") as f:
+                    buf.copy_(f.get_tensor(key))
+                continue
+            if fresh is None:
+                if not hasattr(mod, "config"):
+                    raise ModelSpecError(f"cannot rebuild buffer {key} of {type(mod).__name__} after a sharded "
+                                         "load; run without torchrun")
+                with torch.device("cpu"):
+                    fresh = type(mod)(mod.config)
+            buf.copy_(dict(fresh.named_buffers(recurse=False))[b_name])
+        if fresh is not None:
+            for attr in ("attention_scaling",):  # plain attributes computed beside the buffers
+                if hasattr(fresh, attr):
+                    setattr(mod, attr, getattr(fresh, attr))
+
+
 def _dequantise(src: ModelSource):
     from transformers import AutoModelForCausalLM
 

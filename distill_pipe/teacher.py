@@ -58,20 +58,26 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     _warn_temperatures(cfg, codec)
 
     dtype = models.DTYPES[cfg.teacher.dtype]
-    model = models.load_causal_lm(src, dtype=torch.float32, device="cpu")
+    model = _load_model(src, dtype, dist)
     # Two training sequences probe the head (and calibrate a codec that fits a transform, e.g. klt-int8).
-    head, h_probe = _linear_head(model, tokens["train"]["input_ids"][:2], codec)
+    # Under torchrun every rank runs the probe's forward; rank 0 alone holds the head and checks it.
+    error = head = h_probe = None
+    try:
+        head, h_probe = _linear_head(model, tokens["train"]["input_ids"][:2], codec, dtype, dist)
+    except TeacherError as e:
+        if not dist.distributed:
+            raise
+        error = str(e)
     attrs = {
         "teacher": {"spec": cfg.teacher.model, "fingerprint": models.model_fingerprint(src),
-                    "dtype": cfg.teacher.dtype, "class": type(model).__name__},
+                    "dtype": cfg.teacher.dtype, "class": distributed.unwrapped_class(model).__name__},
         "tokenizer": t_attrs["tokenizer"],
         "data": {"fingerprint": t_attrs["fingerprint"], "tokens": str(cfg.paths.tokens),
                  "corpus": t_attrs.get("corpus")},
     }
     out = cfg.paths.logits.rstrip("/")
     # Rank 0 alone creates or checks the store; the others open it after the barrier.
-    error = None
-    if dist.is_main:
+    if dist.is_main and error is None:
         try:
             _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they wait forever
@@ -86,7 +92,6 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
 
     if repair:
         _repair(store, tokens, dist)
-    model = _prepare_model(model, dtype, dist)
     jobs = [(split, k) for split in store.splits for k in range(store.num_shards(split))
             if k not in store.completed_shards(split)]
     mine = jobs[dist.rank :: dist.world_size]
@@ -159,8 +164,8 @@ def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
         ids = tokens[split]["input_ids"]
         if ids.shape[0] == 0:
             raise DataError(f"{cfg.paths.tokens} has an empty {split} split; rerun `distill-pipe prepare`")
-        top = int(np.max(ids[...]))
-        if top >= vocab or int(np.min(ids[...])) < 0:
+        top, bottom = _id_range(ids)
+        if top >= vocab or bottom < 0:
             raise TeacherError(f"{cfg.paths.tokens} holds token id {top} outside the teacher's vocabulary "
                                f"(size {vocab}): it was made with another tokenizer "
                                f"({t_attrs['tokenizer']['spec']}); rerun `distill-pipe prepare`")
@@ -179,19 +184,67 @@ def _warn_temperatures(cfg: Config, codec) -> None:
             log.warning("student %s cannot train from this store: %s", name, problem)
 
 
-def _linear_head(model, probe_ids, codec) -> tuple[dict | None, torch.Tensor | None]:
+def _id_range(ids) -> tuple[int, int]:
+    """(max, min) token id of an (N, L) zarr array, read a few MiB at a time: never the whole split."""
+    step = max(1, (4 << 20) // (4 * ids.shape[1]))
+    top, bottom = -1, 0
+    for start in range(0, ids.shape[0], step):
+        block = ids[start:start + step]
+        top, bottom = max(top, int(block.max())), min(bottom, int(block.min()))
+    return top, bottom
+
+
+def _load_model(src, dtype: torch.dtype, dist):
+    """The teacher, ready to run: whole on the device in one process; under torchrun FSDP2-sharded, built on
+    the meta device with each rank reading only its own rows of the safetensors (in `dtype`), so the whole
+    model never exists on one host. A checkpoint that cannot be read by rows (GGUF, .bin) is loaded whole
+    on each rank, in `dtype`, and then sharded."""
+    if not dist.distributed:
+        return models.load_causal_lm(src, dtype=dtype, device=dist.device)
+    # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
+    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None)  # noqa: E731
+    model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
+    if model is None:
+        log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
+        model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
+    return model
+
+
+def _gathered_head(model, dtype: torch.dtype, dist) -> dict | None:
+    """The output head on rank 0 (None elsewhere): FSDP-sharded weights are all-gathered (every rank takes
+    part) in the compute dtype, so the head is the one the teacher applies, the same with any number of
+    ranks; the other ranks drop it at once."""
+    lm_head = model.get_output_embeddings()
+    tensors = {}
+    for key in ("weight", "bias"):
+        t = getattr(lm_head, key, None)
+        if isinstance(t, torch.Tensor):
+            t = t.detach()
+            tensors[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype)
+    if not dist.is_main:
+        return None
+    return head_from_model(model, tensors)
+
+
+def _linear_head(model, probe_ids, codec, dtype: torch.dtype, dist) -> tuple[dict | None, torch.Tensor | None]:
     """For the factored codec: the output head and the probe's final hidden states (P, d), after checking
-    logits == post(h @ W.T + b) on the probe sequences."""
+    logits == post(h @ W.T + b) on the probe sequences. Under torchrun every rank runs the forward; rank 0
+    gets the head and does the check, the others get (None, None)."""
     if codec.input_kind != "hidden":
         return None, None
-    head = head_from_model(model)
-    ids = torch.as_tensor(np.asarray(probe_ids), dtype=torch.long)
+    head = _gathered_head(model, dtype, dist)
+    ids = torch.as_tensor(np.asarray(probe_ids), dtype=torch.long, device=dist.device)
     with torch.inference_mode(), _capture_hidden(model) as cap:
-        logits = model(ids).logits.float().flatten(0, 1)
-        h = cap["h"].float().flatten(0, 1)
+        logits = model(ids).logits.float().flatten(0, 1).cpu()
+        h = cap["h"].float().flatten(0, 1).cpu()
+    if head is None:
+        return None, None
+    with torch.inference_mode():
         rebuilt = Head(head["weight"], head["bias"], head["final_logit_softcapping"], head["logit_scale"]).logits(h)
     err = (rebuilt - logits).abs().max().item()
-    if not err <= 1e-3 * max(1.0, logits.abs().max().item()):
+    # the model rounds its logits to `dtype` (bf16: 2^-8 relative); anything non-linear errs far more
+    tol = max(1e-3, 4 * torch.finfo(dtype).eps)
+    if not err <= tol * max(1.0, logits.abs().max().item()):
         raise TeacherError(f"{type(model).__name__}'s logits are not a linear head over the final hidden state "
                            f"(max error {err:.3g}); use teacher_logits.codec=dense-bf16 or dense-u8")
     return head, h
@@ -251,7 +304,7 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
     if local:
         shutil.rmtree(target, ignore_errors=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    create_store(target, attrs=attrs, splits={s: tokens[s]["input_ids"][...] for s in ("train", "validation")},
+    create_store(target, attrs=attrs, splits={s: tokens[s]["input_ids"] for s in ("train", "validation")},
                  codec=codec, shard_size=cfg.teacher_logits.shard_size, vocab_size=int(c.vocab_size),
                  hidden_size=int(c.hidden_size), head=head, overwrite=True)
     if local:
@@ -280,14 +333,6 @@ def _exists(out: str) -> bool:
         fs, path = fsspec.core.url_to_fs(out)
         return fs.exists(path)
     return Path(out).exists()
-
-
-def _prepare_model(model, dtype: torch.dtype, dist):
-    if dist.distributed:
-        # FSDP2 keeps fp32 master shards and computes in `dtype` (MixedPrecisionPolicy).
-        # fully_shard moves the shards to the device mesh's device (the rank's GPU under NCCL).
-        return distributed.fsdp_wrap(model, param_dtype=dtype if dtype != torch.float32 else None)
-    return model.to(device=dist.device, dtype=dtype)
 
 
 def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, seq_len) -> None:

@@ -60,7 +60,9 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
     clash = sorted(set(attrs) & set(RESERVED_ATTRS))
     if clash:
         raise ValueError(f"create_store: attrs may not set the reserved keys {clash}")
-    ids = {name: _np(a) for name, a in splits.items()}
+    # an array-like with shape and dtype (e.g. tokens.zarr's zarr array) is copied a block at a time, never whole
+    ids = {name: a if hasattr(a, "shape") and hasattr(a, "dtype") and not isinstance(a, torch.Tensor) else _np(a)
+           for name, a in splits.items()}
     seq_lens = {a.shape[1] if a.ndim == 2 else None for a in ids.values()}
     if len(seq_lens) != 1 or None in seq_lens or any(a.dtype.kind not in "iu" for a in ids.values()):
         raise ValueError("create_store: every split's input_ids must be a 2-D integer (N, L) array with one L")
@@ -108,8 +110,11 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
         k = num_shards_for(n, shard_size)
         split_attrs[name] = {"num_sequences": n, "num_shards": k}
         g = root.create_group(name)
-        g.create_array(INPUT_IDS_ARRAY, data=input_ids.astype(np.int32), chunks=(min(n, shard_size), seq_len),
-                       compressors=ZstdCodec(level=3))
+        z = g.create_array(INPUT_IDS_ARRAY, shape=(n, seq_len), dtype=np.int32, chunks=(max(1, min(n, shard_size)), seq_len),
+                           compressors=ZstdCodec(level=3))
+        step = max(1, min(n, shard_size)) * max(1, (4 << 20) // (4 * seq_len * max(1, min(n, shard_size))))
+        for start in range(0, n, step):
+            z[start:start + step] = np.asarray(input_ids[start:start + step]).astype(np.int32)
         for pname, spec in specs.items():
             row_bytes = int(np.prod(spec.trailing, dtype=np.int64)) * spec.dtype.itemsize
             inner = (1, inner_chunk_len(seq_len, row_bytes), *spec.trailing)

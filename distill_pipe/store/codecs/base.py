@@ -83,8 +83,9 @@ class Head:
         return logits_PV
 
 
-def head_from_model(model) -> dict:
-    """The head dict `create_store` wants, from a transformers causal LM, or StoreError if not factorable."""
+def head_from_model(model, tensors: dict | None = None) -> dict:
+    """The head dict `create_store` wants, from a transformers causal LM, or StoreError if not factorable.
+    tensors: {"weight", "bias"} to use instead of the module's own (e.g. gathered from FSDP shards)."""
     lm_head = model.get_output_embeddings()
     cfg = model.config
     text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -93,9 +94,10 @@ def head_from_model(model) -> dict:
                          "layer over the last hidden state; use codec dense-u8 or dense-bf16")
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
     scale = getattr(text_cfg, "logit_scale", None)
+    tensors = tensors or {"weight": lm_head.weight.detach(), "bias": None if lm_head.bias is None else lm_head.bias.detach()}
     return {
-        "weight": lm_head.weight.detach().float().cpu(),
-        "bias": None if lm_head.bias is None else lm_head.bias.detach().float().cpu(),
+        "weight": tensors["weight"].float().cpu(),
+        "bias": None if tensors.get("bias") is None else tensors["bias"].float().cpu(),
         "final_logit_softcapping": None if softcap is None else float(softcap),
         "logit_scale": None if scale is None or scale == 1.0 else float(scale),
     }
