@@ -46,6 +46,14 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     decompressed in the background (prefetch.py) while this one is scored; sums stay on the device (float64)
     until the end, so nothing waits for the device per batch.
     """
+    mask = store.target_mask(SPLIT)
+
+    def make_targets(ids_BL, split, idx):
+        targets_BL = shift_for_next_token(ids_BL)
+        if mask is not None:  # conversations: only the predictions of target tokens count
+            targets_BL[:, :-1].masked_fill_(torch.as_tensor(np.asarray(mask[idx])[:, 1:] == 0), IGNORE_INDEX)
+        return targets_BL
+
     device = torch.device(device)
     pin = device.type == "cuda"
     chunk = chunk or default_chunk_size(vocab_size, device)
@@ -57,7 +65,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     plans = [MicroBatchPlan(SPLIT, tuple(indices[s:s + batch_size])) for s in range(0, len(indices), batch_size)]
     stream = MicroBatchStream(
         iter([[p] for p in plans]),
-        lambda p: host_tokens(p, np.asarray(ids[list(p.indices)]), lambda x, *_: shift_for_next_token(x), pin),
+        lambda p: host_tokens(p, np.asarray(ids[list(p.indices)]), make_targets, pin),
         lambda p: store.teacher_batch(SPLIT, list(p.indices), **({"pin_memory": True} if pin else {})), depth=2)
     try:
         for _ in tqdm(plans, desc=f"evaluate {desc}", unit="batch", dynamic_ncols=True):

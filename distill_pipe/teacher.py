@@ -304,9 +304,12 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
     if local:
         shutil.rmtree(target, ignore_errors=True)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    create_store(target, attrs=attrs, splits={s: tokens[s]["input_ids"] for s in ("train", "validation")},
+    splits = ("train", "validation")
+    # Conversations: the store keeps payload only where the next token is a target (store/format.py v2).
+    masks = {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]}
+    create_store(target, attrs=attrs, splits={s: tokens[s]["input_ids"] for s in splits},
                  codec=codec, shard_size=cfg.teacher_logits.shard_size, vocab_size=int(c.vocab_size),
-                 hidden_size=int(c.hidden_size), head=head, overwrite=True)
+                 hidden_size=int(c.hidden_size), head=head, overwrite=True, target_masks=masks or None)
     if local:
         if Path(out).exists():  # only with --overwrite or --replace-changed
             shutil.rmtree(out)

@@ -87,7 +87,7 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     exporter = Exporter(model, tok, out, info, static_metrics(scfg, init_info, source, vocab))
     trainer = DistillTrainer(model, tc, data, store=source.get("store"), vocab_size=vocab, out_dir=out,
                              info=info, fingerprint=fingerprint, on_best=exporter,
-                             on_checkpoint=exporter.after_checkpoint)
+                             on_checkpoint=exporter.after_checkpoint, target_masks=source["target_masks"])
     trainer.clean_stale_temp()
     if (resume or auto_resume) and latest.exists():
         trainer.load_checkpoint(trainer.latest_checkpoint())
@@ -140,8 +140,10 @@ def _open_data(cfg: Config, tc) -> dict:
 
         # a missing split or shard raises a one-line StoreError naming the rerun that finishes it
         store = open_manifested_store(cfg.paths.logits, cfg.paths.manifest, splits)
+        masks = {s: store.target_mask(s) for s in splits}
         return {"kind": "teacher-logit store", "path": str(cfg.paths.logits), "store": store,
                 "data": {s: store.input_ids(s) for s in splits}, "tokenizer": store.info["tokenizer"],
+                "target_masks": {s: m for s, m in masks.items() if m is not None},
                 "teacher_vocab": int(store.vocab_size),
                 "identity": {k: store.info.get(k) for k in ("teacher", "tokenizer", "data", "codec")}}
     from distill_pipe.data import open_tokens
@@ -151,6 +153,7 @@ def _open_data(cfg: Config, tc) -> dict:
     check_tokens_match_store(cfg, attrs["fingerprint"])
     return {"kind": "tokens, CE only (alpha = 1)", "path": str(cfg.paths.tokens),
             "data": {s: tokens[s]["input_ids"] for s in splits}, "tokenizer": attrs["tokenizer"],
+            "target_masks": {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]},
             "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"]}}
 
 

@@ -144,13 +144,17 @@ class Trainer:
     out_dir: where `checkpoints/` and `history/` go. fingerprint: what made this run (checked on resume).
     on_best(trainer): called on every rank when the eval loss improves (e.g. to export the model).
     on_checkpoint(trainer): called on every rank after each checkpoint is complete.
+    target_masks: {split: (N, L) uint8 array} for conversations: predicting token t counts only where
+    target_masks[split][n, t] is 1 (in every term and every count); None: every next token counts.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, data: dict, *, out_dir: str | Path,
                  info: DistInfo | None = None, fingerprint: dict | None = None,
                  on_best: Callable[[Trainer], None] | None = None,
-                 on_checkpoint: Callable[[Trainer], None] | None = None, show_progress: bool = True):
+                 on_checkpoint: Callable[[Trainer], None] | None = None, show_progress: bool = True,
+                 target_masks: dict | None = None):
         self.model, self.cfg, self.data = model, cfg, data
+        self.target_masks = target_masks or {}
         self.info = info or DistInfo(0, 1, 0, torch.device("cpu"))
         self.device = self.info.device
         self.out_dir = Path(out_dir)
@@ -205,8 +209,14 @@ class Trainer:
         raise NotImplementedError
 
     def make_targets(self, input_ids_BL: torch.Tensor, split: str, indices: list[int]) -> torch.Tensor:
-        """Next-token targets (B, L); override to exclude more positions (they leave the count too)."""
-        return shift_for_next_token(input_ids_BL)
+        """Next-token targets (B, L), IGNORE_INDEX where the split's target mask says the next token is not a
+        target; override to exclude more positions (they leave the count too)."""
+        targets_BL = shift_for_next_token(input_ids_BL)
+        mask = self.target_masks.get(split)
+        if mask is not None:
+            mask_BL = torch.from_numpy(read_rows(mask, indices)).to(targets_BL.device)
+            targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
+        return targets_BL
 
     # ------------------------------------------------------------------ data order
 

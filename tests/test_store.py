@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from distill_pipe.store import (NotAStoreError, ShardWriter, StoreCorruptError, StoreError, StoreIncompleteError,
+from distill_pipe.store import (FORMAT_VERSION, NotAStoreError, ShardWriter, StoreCorruptError, StoreError, StoreIncompleteError,
                                 StoreVersionError, create_store, make_codec, open_store)
 from distill_pipe.store.inspect import describe
 
@@ -545,8 +545,9 @@ def test_existing_store_needs_overwrite(tmp_path):
 
 def test_newer_format_version(tmp_path):
     build(tmp_path / "s", "dense-u8", write=[])
-    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["format_version"] = 2
-    with pytest.raises(StoreVersionError, match="format version 2.*reads up to 1: upgrade distill-pipe"):
+    newer = FORMAT_VERSION + 1
+    zarr.open_group(str(tmp_path / "s"), mode="r+").attrs["format_version"] = newer
+    with pytest.raises(StoreVersionError, match=f"format version {newer}.*reads up to {FORMAT_VERSION}: upgrade"):
         open_store(tmp_path / "s")
 
 

@@ -166,7 +166,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, data: dict, param_dtype) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, data: dict, param_dtype,
+                 trainer_kw=None) -> None:
+    """trainer_kw: None (a MaskedTrainer) or a picklable () -> {"cls": ..., **constructor kwargs}."""
     import torch.distributed as dist
 
     from distill_pipe.distributed import DistInfo, fsdp_wrap
@@ -177,8 +179,9 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, dat
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = fsdp_wrap(tiny_model(0), param_dtype)
-        t = MaskedTrainer(model, c, data, out_dir=out, info=DistInfo(rank, world, rank, torch.device("cpu")),
-                          show_progress=False)
+        kw = trainer_kw() if trainer_kw else {}
+        t = kw.pop("cls", MaskedTrainer)(model, c, data, out_dir=out, show_progress=False,
+                                         info=DistInfo(rank, world, rank, torch.device("cpu")), **kw)
         t.train()
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
@@ -187,10 +190,11 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, dat
         dist.destroy_process_group()
 
 
-def run_ranks(out: Path, c: TrainConfig, data: dict, world: int = 2, param_dtype=None) -> dict:
+def run_ranks(out: Path, c: TrainConfig, data: dict, world: int = 2, param_dtype=None, trainer_kw=None) -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out), c, data, param_dtype), nprocs=world, join=True)
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out), c, data, param_dtype, trainer_kw), nprocs=world,
+             join=True)
     return torch.load(out / "weights.pt")
 
 

@@ -1,4 +1,4 @@
-"""Store format v1: names, constants, errors and the on-disk layout rules shared by writer and reader.
+"""Store format v2: names, constants, errors and the on-disk layout rules shared by writer and reader.
 
 Layout (a Zarr v3 group; readable with `zarr` alone, see README "The logit store"):
 
@@ -8,16 +8,29 @@ Layout (a Zarr v3 group; readable with `zarr` alone, see README "The logit store
     <root>/<split>/input_ids   (N, L) int32
     <root>/<split>/<payload>   (N, L, ...) the codec's arrays, one zarr shard = `shard_size` whole sequences
     <root>/<split>/done        (num_shards,) uint8, one object per flag; 1 = shard k written completely
+    <root>/<split>/target_mask (N, L) uint8, v2, only in stores of conversations (prepare's data.format chat
+                               or prompt_completion): 1 where token t is a training target. The payload
+                               at position t is kept only where target_mask[t + 1] is 1 (the position
+                               predicting a target); elsewhere it holds a constant
+                               (zeros; dense-u8: 255) that compresses to almost nothing and must not be read.
+
+Versions: 1, the first; 2 adds `target_mask` and the payload left out (constant) where it is 0. A store is written with the lowest
+version that describes it, so a store without a mask still says 1 and older readers read it; one with a
+mask says 2, and a reader that knows only v1 refuses it ("store format version 2, ... reads up to 1:
+upgrade distill-pipe") rather than train on the zeros.
 
 The group attributes are written last at creation, so a half-created store has no `format` and is
 refused as "not a store".
 """
 
 FORMAT_NAME = "distill-pipe-logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MASKED_FORMAT_VERSION = 2
+"""The first version with `target_mask` (and payload zeroed where the next token is not a target)."""
 HEAD_GROUP = "head"
 DONE_ARRAY = "done"
 INPUT_IDS_ARRAY = "input_ids"
+TARGET_MASK_ARRAY = "target_mask"
 # Inner chunks of payload arrays hold at most this many bytes (uncompressed).
 INNER_CHUNK_BYTES = 2 * 2**20
 RESUME_HINT = "rerun `distill-pipe teacher-logits` to finish them"
@@ -84,3 +97,13 @@ def inner_chunk_len(seq_len: int, row_bytes: int) -> int:
         if seq_len % n == 0 and n * row_bytes <= INNER_CHUNK_BYTES:
             best = n
     return best
+
+
+def payload_keep(target_mask_NL):
+    """(N, L) bool: positions whose payload a store keeps, those predicting a target (mask[:, t + 1] == 1)."""
+    import numpy as np
+
+    m = np.asarray(target_mask_NL)
+    keep = np.zeros(m.shape, dtype=bool)
+    keep[:, :-1] = m[:, 1:] != 0
+    return keep

@@ -17,8 +17,9 @@ from zarr.core.sync import sync
 from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, Head, make_codec
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
-                                       NotAStoreError, StoreCorruptError, StoreError, StoreIncompleteError,
-                                       REPAIR_HINT, StoreVersionError, incomplete_message, shard_key)
+                                       MASKED_FORMAT_VERSION, TARGET_MASK_ARRAY, NotAStoreError,
+                                       StoreCorruptError, StoreError, StoreIncompleteError, REPAIR_HINT,
+                                       StoreVersionError, incomplete_message, payload_keep, shard_key)
 from distill_pipe.store.shards import RowRequest, ShardIndexCache, ShardLayout, read_rows
 
 
@@ -154,9 +155,26 @@ class LogitStore:
         """(N, L) int32 zarr array; slicing gives numpy."""
         return self.array(split, INPUT_IDS_ARRAY)
 
+    def target_mask(self, split: str) -> zarr.Array | None:
+        """(N, L) uint8 zarr array, 1 where token t is a training target; None when every token is one
+        (a store of plain text). The payload is only meaningful where the next token is a target."""
+        self._split_info(split)
+        if self.info["format_version"] < MASKED_FORMAT_VERSION:
+            return None
+        key = f"{split}/{TARGET_MASK_ARRAY}"
+        if key not in self._arrays:
+            if TARGET_MASK_ARRAY not in self._root[split]:
+                return None
+            self._arrays[key] = self._root[key]
+        return self._arrays[key]
+
     def _check_shapes(self) -> None:
         for split in self.splits:
             n = self.num_sequences(split)
+            mask = self.target_mask(split)
+            if mask is not None and tuple(mask.shape) != (n, self.seq_len):
+                raise StoreError(f"{self.location}: {split}/{TARGET_MASK_ARRAY} has shape {tuple(mask.shape)}, "
+                                 f"expected {(n, self.seq_len)}")
             for name, spec in self._specs.items():
                 want = (n, self.seq_len, *spec.trailing)
                 got = tuple(self.array(split, name).shape)
@@ -367,6 +385,10 @@ class LogitStore:
             except Exception as e:  # noqa: BLE001 - input_ids unreadable
                 failures.append((s, k, f"input_ids rows {start}-{stop - 1} unreadable ({type(e).__name__}: {e})"))
                 continue
+            mask = self.target_mask(s)
+            if mask is not None:  # the left-out positions are not payload: check the kept ones
+                keep = payload_keep(mask[start:stop])
+                rows = {name: a[keep][None] for name, a in rows.items()}
             problem = self.codec.check_payload(rows) or self._check_decoded(rows, sample_positions, seed=k)
             if problem is None and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 problem = f"input_ids hold ids outside the vocabulary [0, {self.vocab_size})"

@@ -20,8 +20,9 @@ from zarr.core.sync import sync
 
 from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, make_codec
-from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
-                                       StoreError, inner_chunk_len, num_shards_for, shard_key)
+from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, HEAD_GROUP, INPUT_IDS_ARRAY, MASKED_FORMAT_VERSION,
+                                       TARGET_MASK_ARRAY, StoreError, inner_chunk_len, num_shards_for,
+                                       payload_keep, shard_key)
 from distill_pipe.store.reader import LogitStore, open_group, open_store
 
 RESERVED_ATTRS = ("format", "format_version", "codec", "shard_size", "seq_len", "vocab_size", "hidden_size",
@@ -44,13 +45,16 @@ def _np(x) -> np.ndarray:
 
 def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], codec: Codec | str,
                  shard_size: int, vocab_size: int, hidden_size: int | None = None, head: dict | None = None,
-                 overwrite: bool = False, storage_options: dict | None = None) -> LogitStore:
+                 overwrite: bool = False, storage_options: dict | None = None,
+                 target_masks: dict[str, np.ndarray] | None = None) -> LogitStore:
     """Create the whole store layout (attributes last) and return it opened for writing (mode r+).
 
     attrs: lineage (teacher, tokenizer, data, ...) recorded as group attributes.
     splits: split name -> input_ids (N, L) integer array, copied into the store.
     head (factored only): {"weight": (V, d), "bias": (V,) | None, "final_logit_softcapping": float | None,
     "logit_scale": float | None}.
+    target_masks: split name -> (N, L) target mask (conversations): copied as `<split>/target_mask`; the
+    payload is then written only where the next token is a target (zeros elsewhere) and the store is v2.
     """
     codec = make_codec(codec) if isinstance(codec, str) else codec
     if not splits:
@@ -67,6 +71,10 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
     if len(seq_lens) != 1 or None in seq_lens or any(a.dtype.kind not in "iu" for a in ids.values()):
         raise ValueError("create_store: every split's input_ids must be a 2-D integer (N, L) array with one L")
     seq_len = seq_lens.pop()
+    masks = {name: a if hasattr(a, "shape") and not isinstance(a, torch.Tensor) else _np(a)
+             for name, a in (target_masks or {}).items()}  # zarr arrays are copied a block at a time, below
+    if masks and (set(masks) != set(ids) or any(tuple(masks[n].shape) != tuple(ids[n].shape) for n in ids)):
+        raise ValueError("create_store: target_masks must hold one (N, L) mask per split, shaped like its input_ids")
     if codec.name == "factored":
         if head is None or hidden_size is None:
             raise ValueError("create_store: the factored codec needs head={'weight': ...} and hidden_size")
@@ -115,6 +123,11 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
         step = max(1, min(n, shard_size)) * max(1, (4 << 20) // (4 * seq_len * max(1, min(n, shard_size))))
         for start in range(0, n, step):
             z[start:start + step] = np.asarray(input_ids[start:start + step]).astype(np.int32)
+        if masks:
+            zm = g.create_array(TARGET_MASK_ARRAY, shape=(n, seq_len), dtype=np.uint8,
+                                chunks=(max(1, min(n, shard_size)), seq_len), compressors=ZstdCodec(level=3))
+            for start in range(0, n, step):
+                zm[start:start + step] = (np.asarray(masks[name][start:start + step]) != 0).astype(np.uint8)
         for pname, spec in specs.items():
             row_bytes = int(np.prod(spec.trailing, dtype=np.int64)) * spec.dtype.itemsize
             inner = (1, inner_chunk_len(seq_len, row_bytes), *spec.trailing)
@@ -125,7 +138,8 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
         # One object per flag and no sharding: concurrent writers of different shards never collide.
         g.create_array(DONE_ARRAY, shape=(k,), dtype=np.uint8, chunks=(1,), fill_value=0, compressors=None)
 
-    info = {**attrs, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+    # The lowest version that describes the store: one without a mask stays readable by v1 readers.
+    info = {**attrs, "format": FORMAT_NAME, "format_version": MASKED_FORMAT_VERSION if masks else 1,
             "codec": {"name": codec.name, "params": codec.params}, "shard_size": shard_size,
             "seq_len": seq_len, "vocab_size": vocab_size, "hidden_size": hidden_size, "splits": split_attrs,
             "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -135,7 +149,10 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
 
 
 def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
-    """Write shard k's payload (name -> (n_k, L, ...) for the whole shard), then mark it done."""
+    """Write shard k's payload (name -> (n_k, L, ...) for the whole shard), then mark it done.
+
+    In a store with a target mask, the payload's rows at positions that predict no target are overwritten
+    in place (the caller's arrays/tensors included) with each array's `masked_fill` (zeros by default)."""
     if store.mode == "r":
         raise ValueError(f"{store.location} is open read-only; open it with mode='r+' to write")
     start, stop = store.shard_range(split, k)
@@ -150,6 +167,15 @@ def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
         if a.shape != want or a.dtype != spec.dtype:
             raise ValueError(f"{split} shard {k}: {name} is {a.shape} {a.dtype}, expected {want} {spec.dtype}")
         arrays[name] = a
+    mask = store.target_mask(split)
+    if mask is not None:
+        # Positions that predict no target hold a constant (zeros, or the codec's masked_fill): zstd stores
+        # a run of it in a few bytes, whatever the codec, so the store pays only for the positions trained
+        # on (README "Chat data").
+        keep_nL = payload_keep(mask[start:stop])
+        for name, a in arrays.items():
+            a = arrays[name] = a if a.flags.writeable else a.copy()
+            a[~keep_nL] = specs[name].masked_fill  # in place: a copy of a dense shard would double its memory
     for name, a in arrays.items():
         store.array(split, name)[start:stop] = a
     store.array(split, DONE_ARRAY)[k] = 1

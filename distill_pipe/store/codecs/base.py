@@ -21,6 +21,9 @@ class PayloadSpec:
     dtype: np.dtype
     filters: tuple = ()
     compressors: tuple = ()
+    masked_fill: int | float = 0
+    """Written at the positions a store with a target mask does not keep (store/format.py v2): whatever
+    compresses best in this array's layout; never decoded."""
 
 
 def blosc_shuffle() -> tuple:

@@ -87,7 +87,8 @@ class DenseU8Codec(Codec):
         # SmolLM2's rows 6% smaller (8,685 vs 9,242 B/token over 2,048 pydoc positions) but undoing the
         # transpose cost every read ~30% more CPU than zstd alone (benchmarks/read_path.py). Those stores still
         # read: each array's zarr metadata records its codecs.
-        specs = {"logprobs_u8": PayloadSpec((vocab_size,), np.dtype(np.uint8), (), zstd_crc(self.zstd_level))}
+        specs = {"logprobs_u8": PayloadSpec((vocab_size,), np.dtype(np.uint8), (), zstd_crc(self.zstd_level),
+                                            masked_fill=self.SENTINEL)}
         if self.exact_top_k:
             self._check_k(vocab_size)
             k = (self.exact_top_k,)
