@@ -169,25 +169,27 @@ class Tokenized:
     target_mask: np.ndarray  # (T,) uint8
 
 
-def tokenize_segments(pieces_per_conv: list[list[tuple[str, bool]]], tok) -> list[Tokenized]:
-    """Tokenize each piece on its own (one batched tokenizer call) and concatenate per conversation.
+def join_pieces(ids_per_piece: list, is_target: list[bool]) -> Tokenized:
+    """One conversation from its pieces' token ids: concatenated, the mask 1 on target pieces' tokens.
 
-    With targets "all" (one piece, a target) every token but the conversation's first is a target: nothing
-    before a conversation predicts its first token.
-    """
+    The conversation's first token is never a target (nothing before it in the conversation predicts it);
+    this matters for targets "all" (one piece, a target)."""
+    ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids_per_piece]) if ids_per_piece else \
+        np.zeros(0, np.int64)
+    mask = np.repeat(np.asarray(is_target, dtype=np.uint8), [len(x) for x in ids_per_piece])
+    if len(mask):
+        mask[0] = 0
+    return Tokenized(ids, mask)
+
+
+def tokenize_segments(pieces_per_conv: list[list[tuple[str, bool]]], tok) -> list[Tokenized]:
+    """Tokenize each piece on its own (one batched tokenizer call) and join them per conversation."""
     flat = [text for pieces in pieces_per_conv for text, _ in pieces]
     ids = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
     out, k = [], 0
     for pieces in pieces_per_conv:
-        conv_ids, conv_mask = [], []
-        for _, is_target in pieces:
-            conv_ids.extend(ids[k])
-            conv_mask.extend([int(is_target)] * len(ids[k]))
-            k += 1
-        mask = np.asarray(conv_mask, dtype=np.uint8)
-        if len(mask):
-            mask[0] = 0
-        out.append(Tokenized(np.asarray(conv_ids, dtype=np.int64), mask))
+        out.append(join_pieces(ids[k:k + len(pieces)], [t for _, t in pieces]))
+        k += len(pieces)
     return out
 
 
