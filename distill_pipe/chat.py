@@ -38,9 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMATS = ("text", "chat", "prompt_completion")
-TARGETS = ("assistant", "all")
-ROLES_OK = ("system", "user", "assistant", "tool", "developer", "ipython")
+from distill_pipe.config import CHAT_TARGETS as TARGETS
 
 
 class ChatError(ValueError):

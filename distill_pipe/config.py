@@ -59,10 +59,15 @@ class PathsConfig:
                               f"{self.manifest}; put the store itself on object storage with {p}.logits")
 
 
+DATA_FORMATS = ("text", "chat", "prompt_completion")
+CHAT_TARGETS = ("assistant", "all")
+
+
 @dataclass
 class DataConfig:
     source: str = "builtin:pydoc"
-    """Corpus: `builtin:pydoc` (CPython's pydoc topics), a .txt/.jsonl/.json/.parquet/.csv file, a folder
+    """Corpus: `builtin:pydoc` (CPython's pydoc topics), `builtin:pydoc-chat` (conversations written from them,
+    with format chat), a .txt/.jsonl/.json/.parquet/.csv file, a folder
     or glob of those, or a Hugging Face dataset name."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet/.csv records and HF datasets."""
@@ -82,8 +87,27 @@ class DataConfig:
     num_proc: int = 1
     """Tokenizer processes. 1: in the main process (a fast tokenizer still uses every core for a batch);
     more helps where the main process, not the tokenizer, is the bottleneck (many cores)."""
+    format: str = "text"
+    """Records are `text` (one document each), `chat` (a list of {role, content} messages each) or
+    `prompt_completion` (a prompt and a completion each: strings, or lists of messages). Conversations are
+    rendered with the teacher's chat template and only their target tokens are trained on (`targets`)."""
+    messages_field: str = "messages"
+    """Field holding the message list of a record (format chat)."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt (format prompt_completion): a string (one user message) or messages."""
+    completion_field: str = "completion"
+    """Field holding the completion (format prompt_completion): a string (one assistant message) or messages."""
+    chat_template: str | None = None
+    """Jinja chat template used instead of the teacher tokenizer's (needed when it has none); null: its own."""
+    targets: str = "assistant"
+    """Tokens of a conversation the student learns: `assistant` (each assistant turn through its
+    end-of-turn marker) or `all` (every token)."""
 
     def validate(self, p: str) -> None:
+        _check(self.format in DATA_FORMATS,
+               f"{p}.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
+        _check(self.targets in CHAT_TARGETS,
+               f"{p}.targets must be one of {', '.join(CHAT_TARGETS)}, got {self.targets!r}")
         _check(self.num_proc >= 1, f"{p}.num_proc must be >= 1, got {self.num_proc}")
         _check(self.seq_len >= 2, f"{p}.seq_len must be >= 2, got {self.seq_len}")
         _check(0 < self.validation_fraction < 1,

@@ -10,9 +10,14 @@ Each split is one token stream in corpus order: per document, [BOS] if the token
 the document's tokens, EOS; the stream is cut into sequences of `data.seq_len` tokens and the incomplete
 last sequence is dropped.
 
+Conversations (`data.format` chat or prompt_completion) are rendered with the teacher's chat template,
+tokenized piece by piece and packed whole, several per row, with a target mask (distill_pipe/chat.py);
+each split then also holds `target_mask` (N, L) uint8 and the store's format_version is 2.
+
 tokens.zarr layout (Zarr v3): group attrs {format, tokenizer, vocab_size, eos_token_id, bos_token_id, seq_len,
 corpus, split, splits: {name: {documents, stream_tokens, num_sequences, tokens}}, fingerprint}; sub-groups
-`train/` and `validation/`, each holding `input_ids` (N, L) int32.
+`train/` and `validation/`, each holding `input_ids` (N, L) int32 [and, for conversations, `target_mask`
+(N, L) uint8: 1 where token t is a training target; attrs then add `chat` and format_version 2].
 
 Legend: L = data.seq_len.
 """
@@ -39,11 +44,13 @@ import zarr
 from tqdm.auto import tqdm
 
 from distill_pipe.config import Config, DataConfig
-from distill_pipe import models
+from distill_pipe import chat, models
 
 log = logging.getLogger(__name__)
 
 TOKENS_FORMAT = "distill-pipe-tokens"
+TOKENS_FORMAT_VERSION = 2
+"""1: input_ids only; 2: conversations add target_mask (a store without one is still written as 1)."""
 SPLITS = ("train", "validation")
 FILE_KINDS = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 RECORD_BATCH = 1024  # rows per .parquet/.csv/dataset batch
@@ -60,6 +67,8 @@ class Document:
     name: str
     """Identity: path relative to the source (+ `#record`), stable when the corpus moves; decides the split."""
     text: str
+    pieces: list[tuple[str, bool]] | None = None
+    """A conversation: its rendered text as consecutive (text, is_target) pieces, tokenized one by one."""
 
 
 # ---------------------------------------------------------------- corpus sources
@@ -81,6 +90,11 @@ class RecordReader:
         if self.columns is None:
             self.columns = [self.text_field]
 
+    @property
+    def field_key(self) -> str:
+        """The params key naming the columns read (for errors)."""
+        return "data.text_field"
+
     def to_document(self, name: str, record: Any, where: str) -> Document | None:
         """`where` names the record in errors (file and line or record number)."""
         if isinstance(record, str):
@@ -92,8 +106,39 @@ class RecordReader:
         return Document(name, str(text)) if text else None
 
 
-def record_reader(cfg: DataConfig) -> RecordReader:
-    return RecordReader(cfg.text_field)
+@dataclass
+class ChatRecordReader(RecordReader):
+    """Conversation records (data.format chat / prompt_completion), rendered with the chat template."""
+
+    fmt: str = "chat"
+    tok: Any = None
+    template: str = ""
+    targets: str = "assistant"
+    fields: dict = field(default_factory=dict)
+    """messages_field, prompt_field, completion_field."""
+
+    @property
+    def field_key(self) -> str:
+        return " / ".join(f"data.{k}" for k in self.fields)
+
+    def to_document(self, name: str, record: Any, where: str) -> Document | None:
+        if isinstance(record, str):
+            raise DataError(f"{where} is a plain text file, not conversation records; data.format={self.fmt} "
+                            "reads .jsonl/.json/.parquet records or a dataset (or set data.format=text)")
+        msgs = chat.conversation(record, self.fmt, where=where, **self.fields)
+        pieces = chat.segments(msgs, self.tok, self.template, self.targets, where)
+        return Document(name, "".join(text for text, _ in pieces), pieces)
+
+
+def record_reader(cfg: DataConfig, tok=None, teacher: str = "") -> RecordReader:
+    """The reader of `data.format`; conversations need the teacher's tokenizer (its chat template)."""
+    if cfg.format == "text":
+        return RecordReader(cfg.text_field)
+    fields = ({"messages_field": cfg.messages_field} if cfg.format == "chat"
+              else {"prompt_field": cfg.prompt_field, "completion_field": cfg.completion_field})
+    return ChatRecordReader(text_field=cfg.text_field, columns=list(fields.values()), fmt=cfg.format, tok=tok,
+                            template=chat.resolve_template(tok, cfg.chat_template, teacher), targets=cfg.targets,
+                            fields=fields)
 
 
 def iter_documents(cfg: DataConfig, reader: RecordReader | None = None) -> Iterator[Document]:
@@ -104,9 +149,15 @@ def iter_documents(cfg: DataConfig, reader: RecordReader | None = None) -> Itera
     if src == "builtin:pydoc":
         from pydoc_data.topics import topics
 
-        return (Document(f"pydoc:{k}", v) for k, v in sorted(topics.items()))
+        return (reader.to_document(f"pydoc:{k}", v, f"builtin:pydoc topic {k}") for k, v in sorted(topics.items()))
+    if src in ("builtin:pydoc", "builtin:pydoc-chat") and (src == "builtin:pydoc-chat") != (cfg.format == "chat"):
+        raise DataError(f"{src} holds {'conversations' if src.endswith('chat') else 'plain text'}: use it with "
+                        f"data.format={'chat' if src.endswith('chat') else 'text'}, or the other builtin corpus")
+    if src == "builtin:pydoc-chat":
+        return (reader.to_document(f"pydoc-chat:{r['topic']}", r, f"builtin:pydoc-chat {r['topic']}")
+                for r in chat.pydoc_conversations())
     if src.startswith("builtin:"):
-        raise DataError(f"unknown builtin corpus {src!r}; known: builtin:pydoc")
+        raise DataError(f"unknown builtin corpus {src!r}; known: builtin:pydoc, builtin:pydoc-chat")
     files, root = _corpus_files(src)
     if files is None:
         return _iter_hf_dataset(cfg, reader)
@@ -190,12 +241,12 @@ def _iter_file(path: Path, name: str, reader: RecordReader) -> Iterator[Document
             if (doc := reader.to_document(f"{name}#{i}", rec, f"{path} record {i}")) is not None:
                 yield doc
         return
-    for i, rec in enumerate(_iter_table(path, reader.columns)):
+    for i, rec in enumerate(_iter_table(path, reader.columns, reader.field_key)):
         if (doc := reader.to_document(f"{name}#{i}", rec, f"{path} record {i}")) is not None:
             yield doc
 
 
-def _iter_table(path: Path, columns: list[str]) -> Iterator[dict]:
+def _iter_table(path: Path, columns: list[str], key: str = "data.text_field") -> Iterator[dict]:
     """Rows of a .parquet or .csv file as dicts of `columns`, RECORD_BATCH rows at a time."""
     import pyarrow as pa
 
@@ -203,7 +254,7 @@ def _iter_table(path: Path, columns: list[str]) -> Iterator[dict]:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
-        _check_columns(path, columns, pf.schema_arrow.names)
+        _check_columns(path, columns, pf.schema_arrow.names, key)
         batches = pf.iter_batches(batch_size=RECORD_BATCH, columns=columns)
     else:
         import pyarrow.csv as pacsv
@@ -212,7 +263,7 @@ def _iter_table(path: Path, columns: list[str]) -> Iterator[dict]:
             stream = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
         except pa.ArrowInvalid as e:
             raise DataError(f"{path} is not a readable CSV file ({e}); fix or remove it") from None
-        _check_columns(path, columns, stream.schema.names)
+        _check_columns(path, columns, stream.schema.names, key)
         batches = stream
     try:
         i = 0
@@ -228,10 +279,10 @@ def _iter_table(path: Path, columns: list[str]) -> Iterator[dict]:
                         "it from the corpus") from None
 
 
-def _check_columns(path, columns: list[str], names: list[str]) -> None:
+def _check_columns(path, columns: list[str], names: list[str], key: str = "data.text_field") -> None:
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(f"{path} has no column {missing[0]!r} (columns: {', '.join(names)}); set data.text_field")
+        raise DataError(f"{path} has no column {missing[0]!r} (columns: {', '.join(names)}); set {key}")
 
 
 def _iter_hf_dataset(cfg: DataConfig, reader: RecordReader) -> Iterator[Document]:
@@ -252,7 +303,7 @@ def _iter_hf_dataset(cfg: DataConfig, reader: RecordReader) -> Iterator[Document
                         "Hugging Face hub is unreachable (offline?): give a local file or folder") from None
     names = ds.column_names
     if names is not None:
-        _check_columns(f"dataset {cfg.source}", reader.columns, names)
+        _check_columns(f"dataset {cfg.source}", reader.columns, names, reader.field_key)
     i = 0
     for batch in ds.iter(batch_size=RECORD_BATCH):
         cols = {c: batch[c] for c in reader.columns}
@@ -404,6 +455,58 @@ class SplitWriter:
                 "tokens": n * self.L}
 
 
+class ChatSplitWriter:
+    """Packs one split's conversations whole (chat.Packer: several per row, padding, target mask) and appends
+    the rows to `input_ids` and `target_mask` a chunk at a time; the same interface as SplitWriter."""
+
+    def __init__(self, group: zarr.Group, seq_len: int, max_tokens: int | None, pad_id: int):
+        self.L = seq_len
+        self.packer = chat.Packer(seq_len, pad_id, None if max_tokens is None else max_tokens // seq_len)
+        self.chunk_rows = max(1, CHUNK_BYTES // (4 * seq_len))
+        self.array = group.create_array("input_ids", shape=(0, seq_len), dtype="int32",
+                                        chunks=(self.chunk_rows, seq_len))
+        self.mask_array = group.create_array("target_mask", shape=(0, seq_len), dtype="uint8",
+                                             chunks=(self.chunk_rows, seq_len))
+        self.rows: list[tuple[np.ndarray, np.ndarray]] = []  # closed rows not yet written
+        self.written = 0
+        self.documents = 0
+        self.stream_tokens = 0
+        self.digest, self.mask_digest = hashlib.sha256(), hashlib.sha256()
+
+    @property
+    def full(self) -> bool:
+        return self.packer.full
+
+    def add(self, convs: list[chat.Tokenized]) -> None:
+        for conv in convs:
+            if self.full:
+                return
+            self.documents += 1
+            self.stream_tokens += len(conv.input_ids)
+            self.rows.extend(self.packer.add(conv))
+        if len(self.rows) >= self.chunk_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        n = len(self.rows) if final else len(self.rows) - len(self.rows) % self.chunk_rows  # whole chunks
+        if n:
+            ids = np.stack([r[0] for r in self.rows[:n]])
+            mask = np.stack([r[1] for r in self.rows[:n]])
+            self.digest.update(ids.tobytes())
+            self.mask_digest.update(mask.tobytes())
+            self.array.append(ids, axis=0)
+            self.mask_array.append(mask, axis=0)
+            self.written += n
+            self.rows = self.rows[n:]
+
+    def close(self) -> dict:
+        self.rows.extend(self.packer.finish())
+        self._flush(final=True)
+        n = self.written
+        return {"documents": self.documents, "stream_tokens": self.stream_tokens, "num_sequences": n,
+                "tokens": n * self.L, **{k: v for k, v in self.packer.stats.as_dict().items() if k != "rows"}}
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -419,7 +522,10 @@ def run_prepare(cfg: Config) -> Path:
     if tok.eos_token_id is None:
         raise DataError(f"tokenizer of {cfg.teacher.model} has no EOS token to join documents with")
     bos = adds_bos(tok)
-    docs = iter_documents(d)  # the first file is opened only when the stream starts, below
+    reader = record_reader(d, tok, cfg.teacher.model)  # conversations: no chat template fails here, at once
+    docs = iter_documents(d, reader)  # the first file is opened only when the stream starts, below
+    conversations = d.format != "text"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -427,13 +533,14 @@ def run_prepare(cfg: Config) -> Path:
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         caps = {"train": d.max_train_tokens, "validation": d.max_validation_tokens}
-        writers = {s: SplitWriter(root.create_group(s), d.seq_len, caps[s]) for s in SPLITS}
+        writers = {s: ChatSplitWriter(root.create_group(s), d.seq_len, caps[s], pad_id) if conversations
+                   else SplitWriter(root.create_group(s), d.seq_len, caps[s]) for s in SPLITS}
         corpus = _stream(docs, writers, tok, bos, d)
         stats = {s: w.close() for s, w in writers.items()}
         _check_splits(d, corpus, stats)
         attrs = {
             "format": TOKENS_FORMAT,
-            "format_version": 1,
+            "format_version": TOKENS_FORMAT_VERSION if conversations else 1,
             "tokenizer": {"spec": cfg.teacher.model, "fingerprint": models.tokenizer_fingerprint(tok),
                           "vocab_size": len(tok)},
             "vocab_size": len(tok),
@@ -446,7 +553,14 @@ def run_prepare(cfg: Config) -> Path:
                       "max_train_tokens": d.max_train_tokens, "max_validation_tokens": d.max_validation_tokens},
             "splits": stats,
         }
-        attrs["fingerprint"] = _combine_fingerprint(attrs, {s: w.digest for s, w in writers.items()})
+        if conversations:
+            template = reader.template
+            attrs["chat"] = {"format": d.format, "targets": d.targets, **reader.fields,
+                             "template_sha256": hashlib.sha256(template.encode()).hexdigest()[:16],
+                             "template_given": bool(d.chat_template)}
+        attrs["fingerprint"] = _combine_fingerprint(attrs, {s: w.digest for s, w in writers.items()},
+                                                    {s: w.mask_digest for s, w in writers.items()}
+                                                    if conversations else None)
         root.attrs.update(attrs)  # attrs last: a group without them is not a tokens store
         _swap_in(tmp, out)
     finally:
@@ -455,6 +569,11 @@ def run_prepare(cfg: Config) -> Path:
         s = stats[split]
         log.info("%s: %d documents -> %d sequences x %d = %d tokens", split, s["documents"], s["num_sequences"],
                  d.seq_len, s["tokens"])
+        if conversations:
+            log.info("%s: %d conversations packed, %d target tokens (%.1f%% of the tokens), %d padding tokens; "
+                     "%d cut to data.seq_len (%d target tokens lost), %d without a target skipped", split,
+                     s["conversations"], s["target_tokens"], 100 * s["target_tokens"] / max(s["tokens"], 1),
+                     s["padding_tokens"], s["truncated"], s["dropped_target_tokens"], s["skipped_no_target"])
     log.info("wrote %s", out)
     return out
 
@@ -465,7 +584,8 @@ def _stream(docs: Iterator[Document], writers: dict[str, SplitWriter], tok, bos:
     eos = np.asarray([tok.eos_token_id], dtype=np.int32)
     head = np.asarray([] if bos is None else [bos], dtype=np.int32)
 
-    def batches() -> Iterator[tuple[list[str], list[str]]]:
+    def batches() -> Iterator[tuple[list, list[str]]]:
+        # key: per document, (split, None) for text, (split, is_target per piece) for a conversation
         splits, texts, chars = [], [], 0
         for doc in docs:
             if all(w.full for w in writers.values()):
@@ -479,8 +599,12 @@ def _stream(docs: Iterator[Document], writers: dict[str, SplitWriter], tok, bos:
             split = document_split(doc.name, d.validation_fraction, d.seed)
             if writers[split].full:
                 continue  # that split's cap is reached: no need to tokenize it
-            splits.append(split)
-            texts.append(doc.text)
+            if doc.pieces is None:
+                splits.append((split, None))
+                texts.append(doc.text)
+            else:  # tokenized piece by piece: a target starts on a token boundary (distill_pipe/chat.py)
+                splits.append((split, [is_target for _, is_target in doc.pieces]))
+                texts.extend(text for text, _ in doc.pieces)
             chars += len(doc.text)
             if chars >= TOKENIZE_BATCH_CHARS:
                 yield splits, texts
@@ -493,9 +617,15 @@ def _stream(docs: Iterator[Document], writers: dict[str, SplitWriter], tok, bos:
     # `with`: the bar ends its line even when a bad document raises, so the error is a line of its own
     with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
         for splits, ids_list in tokenize_batches(batches(), _Encoder(tok), d.num_proc):
-            by_split: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-            for split, ids in zip(splits, ids_list):
-                by_split[split].append(np.concatenate([head, ids, eos]))
+            by_split: dict[str, list] = {s: [] for s in SPLITS}
+            k = 0
+            for split, flags in splits:
+                if flags is None:
+                    by_split[split].append(np.concatenate([head, ids_list[k], eos]))
+                    k += 1
+                else:
+                    by_split[split].append(chat.join_pieces(ids_list[k:k + len(flags)], flags))
+                    k += len(flags)
             for split, items in by_split.items():
                 if items:
                     writers[split].add(items)
@@ -517,16 +647,21 @@ def _check_splits(d: DataConfig, corpus: dict, stats: dict) -> None:
                         f"{corpus['documents']}; lower it or add documents")
     for split in SPLITS:
         s = stats[split]
+        if s["num_sequences"] == 0 and s.get("skipped_no_target"):
+            raise DataError(f"none of the {s['documents']} conversations of the {split} split has a target token "
+                            "(an assistant turn); check the records' roles, or set data.targets=all")
         if s["num_sequences"] == 0:
             raise DataError(f"the {split} split has {s['stream_tokens']} tokens ({s['documents']} documents), fewer "
                             f"than one sequence of data.seq_len={d.seq_len}; lower data.seq_len or change "
                             "data.validation_fraction or data.seed")
 
 
-def _combine_fingerprint(attrs: dict, digests: dict) -> str:
+def _combine_fingerprint(attrs: dict, digests: dict, mask_digests: dict | None = None) -> str:
     h = hashlib.sha256(attrs["tokenizer"]["fingerprint"].encode())
     for split in SPLITS:
         h.update(split.encode() + digests[split].digest())
+        if mask_digests is not None:  # conversations: which tokens are targets is part of the data
+            h.update(b"target_mask" + mask_digests[split].digest())
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -577,4 +712,8 @@ def open_tokens(path: str | Path) -> zarr.Group:
         raise DataError(f"{path} is not a Zarr group; rerun `distill-pipe prepare`") from None
     if root.attrs.get("format") != TOKENS_FORMAT or any(s not in root for s in SPLITS):
         raise DataError(f"{path} is not a complete tokens store made by `distill-pipe prepare`; rerun prepare")
+    version = root.attrs.get("format_version", 1)
+    if not isinstance(version, int) or version > TOKENS_FORMAT_VERSION:
+        raise DataError(f"{path} has tokens format version {version}, this distill-pipe reads up to "
+                        f"{TOKENS_FORMAT_VERSION}: upgrade distill-pipe, or rerun `distill-pipe prepare`")
     return root

@@ -411,3 +411,176 @@ def test_evaluate_scores_only_targets(tmp_path):
     assert got["ce"] == pytest.approx(ce / n, rel=1e-5)
     assert got["kl_to_teacher"] == pytest.approx(kl / n, rel=1e-4, abs=1e-6)
     assert got["top1_agreement"] == pytest.approx(agree / n)
+
+
+# ---------------------------------------------------------------- prepare, end to end
+
+
+def prepare_params(root, source, teacher, **data):
+    """params.yaml in `root`: the repo's, with `source` and data keys (seq_len 128 unless given)."""
+    import yaml
+
+    from conftest import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update({"source": str(source), "seq_len": 128, "max_train_tokens": None,
+                           "max_validation_tokens": None, "validation_fraction": 0.25, **data})
+    params["teacher"]["model"] = str(teacher)
+    params["teacher_logits"].update(codec="dense-bf16", shard_size=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def split_into_conversations(row_ids, row_mask, by_ids: dict) -> list:
+    """A packed row -> the conversations it holds (keys of by_ids), checking the row's mask is theirs."""
+    found, p, ids = [], 0, row_ids.tolist()
+    lengths = sorted({len(k) for k in by_ids}, reverse=True)
+    while p < len(ids):
+        key = next((tuple(ids[p:p + n]) for n in lengths if tuple(ids[p:p + n]) in by_ids), None)
+        if key is None:
+            break
+        assert row_mask[p:p + len(key)].tolist() == by_ids[key].tolist()
+        found.append(key)
+        p += len(key)
+    return found, p
+
+
+def test_prepare_builtin_chat_corpus_packs_every_conversation_with_its_mask(tmp_path, monkeypatch, smol_tok, corpus):
+    """builtin:pydoc-chat with the builtin teacher's template: every row is whole conversations then padding
+    (mask 0); each conversation's ids and mask are exactly its rendering; each conversation is in one split."""
+    from conftest import run_cli
+
+    from distill_pipe.data import open_tokens
+
+    prepare_params(tmp_path, "builtin:pydoc-chat", "builtin:smollm2-135m", format="chat", seq_len=256)
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli("prepare")
+    assert code == 0, out
+    root = open_tokens("stages/prepare/tokens.zarr")
+    assert root.attrs["format_version"] == 2 and root.attrs["chat"]["format"] == "chat"
+    convs = chat.render_conversations(corpus, smol_tok, chat.resolve_template(smol_tok, None, "t"))
+    by_ids = {tuple(c.input_ids[:256].tolist()): c.target_mask[:256] for c in convs}
+    seen = []
+    for split in ("train", "validation"):
+        ids, mask = root[split]["input_ids"][...], root[split]["target_mask"][...]
+        assert ids.shape == mask.shape and mask.dtype == np.uint8 and (mask[:, 0] == 0).all()
+        for r in range(len(ids)):
+            found, end = split_into_conversations(ids[r], mask[r], by_ids)
+            assert found and (ids[r, end:] == smol_tok.eos_token_id).all() and not mask[r, end:].any()
+            seen += found
+        s = root.attrs["splits"][split]
+        assert s["target_tokens"] == int(mask.sum()) and s["num_sequences"] == len(ids)
+    assert sorted(seen) == sorted(by_ids)  # each conversation exactly once, in one split
+
+
+# The tiny teacher's tokenizer has no template: one in params, its EOS as the end-of-turn marker.
+TINY = ("{% for m in messages %}{{ m['role'][0] + ': ' + m['content'] + '<eos>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'a: ' }}{% endif %}")
+
+CHAT_RECORDS = [
+    {"messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]},
+    {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+                  {"role": "assistant", "content": "6"}]},
+] * 6
+
+
+def test_prepare_chat_jsonl_and_prompt_completion_parquet_with_a_template_in_params(tmp_path, monkeypatch,
+                                                                                   tiny_teacher):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import run_cli
+    from transformers import AutoTokenizer
+
+    from distill_pipe.data import open_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    monkeypatch.chdir(tmp_path)
+    recs = [{"messages": [{"role": m["role"], "content": f"{m['content']} #{i}"} for m in r["messages"]]}
+            for i, r in enumerate(CHAT_RECORDS)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="chat", chat_template=TINY, seq_len=128)
+    code, out = run_cli("prepare")
+    assert code == 0, out
+    root = open_tokens("stages/prepare/tokens.zarr")
+    got = [decode(tok, root[s]["input_ids"][...][root[s]["target_mask"][...] == 1]) for s in ("train", "validation")]
+    want = {"".join(m["content"] + "<eos>" for m in r["messages"] if m["role"] == "assistant") for r in recs}
+    assert len("".join(got)) == sum(len(w) for w in want)
+    assert all(w in "".join(got) for w in want)
+    assert all(root.attrs["splits"][s]["truncated"] == 0 for s in ("train", "validation"))
+
+    pq.write_table(pa.table({"q": [f"Question {i}?" for i in range(12)], "a": [f"Answer {i}." for i in range(12)]}),
+                   tmp_path / "pc.parquet")
+    prepare_params(tmp_path, "pc.parquet", tiny_teacher, format="prompt_completion", prompt_field="q",
+                   completion_field="a", chat_template=TINY, seq_len=128)
+    code, out = run_cli("prepare")
+    assert code == 0, out
+    root = open_tokens("stages/prepare/tokens.zarr")
+    got = "".join(decode(tok, root[s]["input_ids"][...][root[s]["target_mask"][...] == 1]) for s in ("train", "validation"))
+    assert sorted(got.split("<eos>")[:-1]) == sorted(f"Answer {i}." for i in range(12))
+
+
+def test_prepare_chat_errors_are_one_line(tmp_path, monkeypatch, tiny_teacher):
+    import json
+
+    from conftest import assert_one_line_error, run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT_RECORDS))
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="chat")
+    assert_one_line_error(*run_cli("prepare"), "has no chat template; set data.chat_template")
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="chat", chat_template=TINY, messages_field="conv")
+    assert_one_line_error(*run_cli("prepare"), "has no field 'conv' (has: messages); set data.messages_field")
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="prompt_completion", chat_template=TINY)
+    assert_one_line_error(*run_cli("prepare"), "has no field 'prompt' (has: messages); set data.prompt_field")
+    prepare_params(tmp_path, "builtin:pydoc-chat", tiny_teacher)
+    assert_one_line_error(*run_cli("prepare"), "builtin:pydoc-chat holds conversations: use it with data.format=chat")
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="dialogue")
+    assert_one_line_error(*run_cli("prepare"), "data.format must be one of text, chat, prompt_completion")
+    no_assistant = [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(12)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in no_assistant))
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="chat", chat_template=TINY)
+    assert_one_line_error(*run_cli("prepare"), "has a target token (an assistant turn)")
+    assert not (tmp_path / "stages" / "prepare" / "tokens.zarr").exists()  # nothing half-written
+
+
+def test_chat_corpus_through_every_stage(tmp_path, monkeypatch, tiny_teacher):
+    """prepare -> teacher-logits (store v2, payload left out where nothing is trained) -> train (KD and
+    CE-only) -> evaluate, on conversations; every count is of target tokens."""
+    import json
+
+    import yaml
+    from conftest import run_cli
+
+    from distill_pipe.store import open_store
+    from distill_pipe.store.format import payload_keep
+
+    monkeypatch.chdir(tmp_path)
+    recs = [{"messages": [{"role": m["role"], "content": f"{m['content']} #{i}"} for m in r["messages"]]}
+            for i, r in enumerate(CHAT_RECORDS * 2)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    prepare_params(tmp_path, "chat.jsonl", tiny_teacher, format="chat", chat_template=TINY, seq_len=128)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["train"].update(batch_size=2, max_steps=2, eval_steps=1, save_steps=2, warmup_steps=0, calibration_tokens=64)
+    params["students"] = {"kd": {"init": {"config": {"num_hidden_layers": 1}}, "alpha": 0.5},
+                          "ce": {"init": {"config": {"num_hidden_layers": 1}}, "alpha": 1.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["prepare"], ["teacher-logits"], ["train", "--student", "kd"], ["train", "--student", "ce"],
+                ["evaluate"]):
+        code, out = run_cli(*cmd)
+        assert code == 0, (cmd, out)
+    store = open_store("stages/teacher_logits/logits.zarr")
+    assert store.info["format_version"] == 2
+    mask = store.target_mask("validation")[...]
+    keep = payload_keep(mask)
+    payload = store.array("validation", "logits_bf16")[...]
+    assert not payload[~keep].any() and payload[keep].any()
+    targets = int(mask[:, 1:].sum())
+    metrics = json.loads((tmp_path / "stages" / "evaluate" / "metrics.json").read_text())
+    assert metrics["teacher"]["tokens"] == metrics["kd"]["tokens"] == metrics["ce"]["tokens"] == targets
+    for student in ("kd", "ce"):
+        with open(f"stages/train/{student}/history/eval.csv") as f:
+            import csv
+
+            assert all(int(r["eval_tokens"]) == targets for r in csv.DictReader(f))
