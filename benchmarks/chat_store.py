@@ -59,7 +59,7 @@ def main() -> None:
     ids, mask, stats = chat.pack(convs, args.seq_len, tok.eos_token_id, max_tokens=args.rows * args.seq_len)
     n_conv = stats.conversations
     keep = payload_keep(mask)
-    real = int(stats.tokens)
+    real = int(stats.real_tokens)
     print(f"{ids.shape[0]} rows x {args.seq_len}: {n_conv} conversations, {real} tokens ({ids.size - real} padding), "
           f"{int(mask.sum())} target tokens; prompt share of the tokens {1 - mask.sum() / real:.1%}; payload kept at "
           f"{keep.sum()} of {keep.size} positions (kept {keep.mean():.1%})")

@@ -210,7 +210,7 @@ class PackStats:
     """Target tokens lost to truncation or to the token cap."""
     skipped_no_target: int = 0
     """Conversations without a target token (no assistant turn), not packed."""
-    tokens: int = 0
+    real_tokens: int = 0
     """Real (non-padding) tokens in the packed rows."""
     target_tokens: int = 0
     padding_tokens: int = 0
@@ -277,7 +277,7 @@ class Packer:
         ids[: row[0]] = np.concatenate(row[1])
         mask[: row[0]] = np.concatenate(row[2])
         self.stats.rows += 1
-        self.stats.tokens += row[0]
+        self.stats.real_tokens += row[0]
         self.stats.target_tokens += int(mask.sum())
         self.stats.padding_tokens += self.seq_len - row[0]
         yield ids, mask

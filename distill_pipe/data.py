@@ -570,10 +570,11 @@ def run_prepare(cfg: Config) -> Path:
         log.info("%s: %d documents -> %d sequences x %d = %d tokens", split, s["documents"], s["num_sequences"],
                  d.seq_len, s["tokens"])
         if conversations:
-            log.info("%s: %d conversations packed, %d target tokens (%.1f%% of the tokens), %d padding tokens; "
+            log.info("%s: %d conversations packed: %d tokens, %d of them targets (%.1f%%), and %d padding; "
                      "%d cut to data.seq_len (%d target tokens lost), %d without a target skipped", split,
-                     s["conversations"], s["target_tokens"], 100 * s["target_tokens"] / max(s["tokens"], 1),
-                     s["padding_tokens"], s["truncated"], s["dropped_target_tokens"], s["skipped_no_target"])
+                     s["conversations"], s["real_tokens"], s["target_tokens"],
+                     100 * s["target_tokens"] / max(s["real_tokens"], 1), s["padding_tokens"], s["truncated"],
+                     s["dropped_target_tokens"], s["skipped_no_target"])
     log.info("wrote %s", out)
     return out
 

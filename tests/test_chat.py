@@ -182,7 +182,7 @@ def test_pack_whole_conversations_best_fit_pad_and_truncate():
     assert mask.tolist() == [[0, 0, 0, 1, 1, 1, 0, 1], [0, 0, 1, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0, 0, 0]]
     assert ids.dtype == np.int32 and mask.dtype == np.uint8
     assert (st.conversations, st.truncated, st.dropped_target_tokens, st.skipped_no_target) == (5, 1, 2, 1)
-    assert (st.rows, st.tokens, st.target_tokens, st.padding_tokens) == (3, 24, 7, 0)
+    assert (st.rows, st.real_tokens, st.target_tokens, st.padding_tokens) == (3, 24, 7, 0)
     ids, mask, st = chat.pack([conv(5, [4]), conv(5, [1, 4])], seq_len=8, pad_id=-1)
     assert ids[0, 5:].tolist() == [-1] * 3 and mask[:, 5:].sum() == 0 and st.padding_tokens == 6
     # a token cap keeps whole rows
@@ -468,7 +468,8 @@ def test_prepare_builtin_chat_corpus_packs_every_conversation_with_its_mask(tmp_
             assert found and (ids[r, end:] == smol_tok.eos_token_id).all() and not mask[r, end:].any()
             seen += found
         s = root.attrs["splits"][split]
-        assert s["target_tokens"] == int(mask.sum()) and s["num_sequences"] == len(ids)
+        assert s["target_tokens"] == int(mask.sum()) and s["num_sequences"] == len(ids) and s["tokens"] == ids.size
+        assert s["real_tokens"] + s["padding_tokens"] == ids.size
     assert sorted(seen) == sorted(by_ids)  # each conversation exactly once, in one split
 
 
