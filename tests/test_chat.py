@@ -585,3 +585,17 @@ def test_chat_corpus_through_every_stage(tmp_path, monkeypatch, tiny_teacher):
             import csv
 
             assert all(int(r["eval_tokens"]) == targets for r in csv.DictReader(f))
+
+
+def test_tokens_store_from_a_newer_release_is_refused(tmp_path):
+    import zarr
+
+    from distill_pipe.data import TOKENS_FORMAT_VERSION, DataError, open_tokens, write_tokens
+
+    arrays = {s: np.zeros((2, 8), np.int32) for s in ("train", "validation")}
+    write_tokens(tmp_path / "t.zarr", arrays, {"format": "distill-pipe-tokens", "format_version": 1})
+    assert open_tokens(tmp_path / "t.zarr").attrs["format_version"] == 1  # a store from before masks reads
+    zarr.open_group(str(tmp_path / "t.zarr"), mode="r+").attrs["format_version"] = TOKENS_FORMAT_VERSION + 1
+    with pytest.raises(DataError, match=f"tokens format version {TOKENS_FORMAT_VERSION + 1}, this distill-pipe reads "
+                                        f"up to {TOKENS_FORMAT_VERSION}: upgrade distill-pipe"):
+        open_tokens(tmp_path / "t.zarr")
