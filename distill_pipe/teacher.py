@@ -357,7 +357,8 @@ def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, se
     if not real:
         return  # a throwaway forward that keeps this rank in FSDP lockstep
     x = cap["h"] if codec.input_kind == "hidden" else out.logits
-    payload = {name: t.cpu() for name, t in codec.encode(x).items()}
+    rows = [f"{split}/{i}" for i in range(start, stop)]  # seeds a random codec's draws per sequence
+    payload = {name: t.cpu() for name, t in codec.encode(x, rows=rows).items()}
     del out, x
     parts.setdefault((split, k), []).append(payload)
     if stop == store.shard_range(split, k)[1]:

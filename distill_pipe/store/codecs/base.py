@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +132,10 @@ class Codec:
     def payload_specs(self, vocab_size: int, hidden_size: int | None) -> dict[str, PayloadSpec]:
         raise NotImplementedError
 
-    def encode(self, x_BLX: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, x_BLX: torch.Tensor, rows: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """(B, L, X) teacher output -> payload tensors (B, L, ...). `rows`: a stable name for each of the B
+        sequences (the teacher stage passes "split/index"); a codec that draws at random seeds each sequence's
+        draws from it, so a resumed, re-batched or multi-rank store is the same store."""
         raise NotImplementedError
 
     def decode(self, payload: dict[str, torch.Tensor], head: Head | None) -> torch.Tensor:

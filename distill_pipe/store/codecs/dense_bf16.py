@@ -21,7 +21,7 @@ class DenseBF16Codec(Codec):
     def payload_specs(self, vocab_size, hidden_size):
         return {"logits_bf16": PayloadSpec((vocab_size,), np.dtype(np.uint16), (), blosc_shuffle())}
 
-    def encode(self, x_BLX):
+    def encode(self, x_BLX, rows=None):
         if torch.isnan(x_BLX).any():
             raise ValueError("dense-bf16: the teacher's logits contain NaN; check the teacher's dtype")
         return {"logits_bf16": x_BLX.to(torch.bfloat16).view(torch.uint16)}

@@ -118,7 +118,7 @@ class DenseU8Codec(Codec):
         return (at_or_below_PC >= self.tail_mass * z_P1).sum(-1, keepdim=True)
 
     @torch.no_grad()
-    def encode(self, x_BLX):
+    def encode(self, x_BLX, rows=None):
         B, L, V = x_BLX.shape
         self._check_k(V)
         x_PV = x_BLX.reshape(B * L, V)

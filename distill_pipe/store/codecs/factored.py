@@ -133,7 +133,7 @@ class FactoredCodec(Codec):
         return {"hidden": PayloadSpec((width,), np.dtype(dtype), (), zstd_crc(9)),
                 "hidden_scale": PayloadSpec((groups,), np.dtype(np.float16), (), blosc_shuffle())}
 
-    def encode(self, x_BLX):
+    def encode(self, x_BLX, rows=None):
         h = x_BLX
         if not torch.isfinite(h).all():
             raise ValueError("factored: the teacher's hidden states contain NaN or inf; "

@@ -7,11 +7,15 @@ the loss's gradient sum_k w_k (q_Ts - onehot(x_k)) is an unbiased estimate of th
 (q_Ts - p_Ts) ("random-sampling KD", Anshumann et al., ACL 2025); the stored entropy makes the KL value an
 unbiased estimate too. Bytes/token depend on n and the vocabulary's id width, never on the hidden size.
 
-Draws come from one generator per codec object seeded with `seed`: independent across positions, not tied to
-a position (a resumed or multi-rank store draws other, equally valid, samples).
+Each sequence's draws come from a generator seeded with `seed` and the sequence's name ("split/index", passed
+by the teacher stage as `rows`), so a store that was resumed, repaired, re-batched or computed by several ranks
+holds the same draws as one uninterrupted run (given the same teacher logits). Without `rows` (benchmarks,
+tests) one generator per codec object is used.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -54,16 +58,33 @@ class SampledCodec(SparseCodec):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[key]
 
+    def _row_generator(self, device: torch.device, row: str) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.seed}\0{row}".encode(), digest_size=8).digest()
+        return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+
     @torch.no_grad()
-    def encode(self, x_BLX):
+    def encode(self, x_BLX, rows=None):
         B, L, V = x_BLX.shape
-        x_PV = x_BLX.reshape(B * L, V)
-        dev, n, chunk = x_BLX.device, self.draws, max(1, self.ENCODE_ELEMENTS // V)
-        ids_PS = torch.zeros((B * L, n), dtype=torch.int64, device=dev)
-        counts_PS = torch.zeros((B * L, n), dtype=torch.int64, device=dev)
-        entropy_P = torch.empty(B * L, dtype=torch.float32, device=dev)
-        gen = self._generator(dev)
-        for s in range(0, B * L, chunk):
+        if rows is not None and len(rows) != B:
+            raise ValueError(f"sampled: {len(rows)} row names for {B} sequences")
+        dev, n = x_BLX.device, self.draws
+        ids_BLS = torch.zeros((B, L, n), dtype=torch.int64, device=dev)
+        counts_BLS = torch.zeros((B, L, n), dtype=torch.int64, device=dev)
+        entropy_BL = torch.empty((B, L), dtype=torch.float32, device=dev)
+        # rows: one generator per sequence; else the codec's own generator over the whole batch
+        groups = [(b, b + 1, self._row_generator(dev, rows[b])) for b in range(B)] if rows is not None \
+            else [(0, B, self._generator(dev))]
+        for b0, b1, gen in groups:
+            self._draw(x_BLX[b0:b1].reshape(-1, V), gen, ids_BLS[b0:b1].view(-1, n),
+                       counts_BLS[b0:b1].view(-1, n), entropy_BL[b0:b1].view(-1))
+        return {"sample_ids": self.ids_to_payload(ids_BLS.reshape(B * L, n), V).reshape(B, L, n),
+                "sample_counts": counts_BLS.to(torch.uint8),
+                "entropy": entropy_BL.to(torch.float16).unsqueeze(-1)}
+
+    def _draw(self, x_PV, gen, ids_PS, counts_PS, entropy_P) -> None:
+        """Fill ids_PS / counts_PS / entropy_P (views into the outputs) from logits (P, V)."""
+        n, chunk = self.draws, max(1, self.ENCODE_ELEMENTS // x_PV.shape[1])
+        for s in range(0, x_PV.shape[0], chunk):
             z = x_PV[s:s + chunk].float()
             if torch.isnan(z).any() or torch.isposinf(z).any() or torch.isneginf(z).all(-1).any():
                 raise ValueError("sampled: the teacher's logits contain NaN, +inf or an all -inf row; "
@@ -77,9 +98,6 @@ class SampledCodec(SparseCodec):
             slot = new.long().cumsum(-1) - 1  # (c, n): the unique id's slot of each draw
             ids_PS[s:s + chunk].scatter_(1, slot, draws_cn)
             counts_PS[s:s + chunk].scatter_add_(1, slot, torch.ones_like(slot))
-        return {"sample_ids": self.ids_to_payload(ids_PS, V).reshape(B, L, n),
-                "sample_counts": counts_PS.to(torch.uint8).reshape(B, L, n),
-                "entropy": entropy_P.to(torch.float16).reshape(B, L, 1)}
 
     def sparse_targets(self, payload, temperature: float) -> SparseTargets:
         self.require_temperature(temperature)

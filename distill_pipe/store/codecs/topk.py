@@ -56,7 +56,7 @@ class TopKCodec(SparseCodec):
                 "tail_logmass": PayloadSpec((2,), np.dtype(np.float16), (), blosc_shuffle())}
 
     @torch.no_grad()
-    def encode(self, x_BLX):
+    def encode(self, x_BLX, rows=None):
         B, L, V = x_BLX.shape
         if self.k > V:
             raise ValueError(f"topk: k={self.k} exceeds the vocabulary size {V}; lower k")
