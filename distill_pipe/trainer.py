@@ -376,14 +376,17 @@ class Trainer:
         try:
             while self.step < end and not self.early.stopped:
                 t0 = time.perf_counter()
-                waited = (stream.timer.wait_s if stream else 0.0) - self.inline_read_seconds
+                # Data wait of this step: growth of the stream's wait and of the inline store reads, plus (no
+                # stream) the inline read of the token rows.
+                wait_before = (stream.timer.wait_s if stream else 0.0) + self.inline_read_seconds
                 batches = stream.next_step() if stream else self.micro_batches("train", self.step_indices(self.step))
                 if not stream:
-                    waited -= time.perf_counter() - t0  # reading the token rows inline
+                    wait_before -= time.perf_counter() - t0  # reading the token rows inline
                 metrics = self.train_step(batches)
                 seconds = time.perf_counter() - t0
                 self.train_seconds += seconds
-                self.data_wait_seconds += (stream.timer.wait_s if stream else 0.0) + self.inline_read_seconds - waited
+                self.data_wait_seconds += ((stream.timer.wait_s if stream else 0.0) + self.inline_read_seconds
+                                           - wait_before)
                 self.step += 1
                 metrics = {"step": self.step, **metrics, "tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
                 self._append("train", TRAIN_FIELDS, metrics)

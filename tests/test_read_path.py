@@ -190,6 +190,7 @@ def test_prefetch_changes_no_result(tmp_path, codec):
         tr.train()
         history = [(tmp_path / f"p{depth}" / "history" / f"{n}.csv").read_text().splitlines() for n in ("train", "eval")]
         runs[depth] = (history, {k: v.clone() for k, v in model.state_dict().items()}, tr.data_wait_seconds)
+        assert tr.data_wait_seconds <= tr.train_seconds  # the wait is a share of the step time (was 207% on a GPU)
     strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # noqa: E731 - drop tokens_per_s
     assert strip(runs[0][0][0]) == strip(runs[3][0][0]) and len(runs[0][0][0]) == 5
     assert runs[0][0][1] == runs[3][0][1] and len(runs[0][0][1]) == 3
@@ -240,3 +241,21 @@ def test_fast_path_reads_an_fsspec_store(tmp_path):
     assert store._fast_layouts("train") is not None
     idx = [9, 0, 4, 4]
     assert same_payload(store.teacher_batch("train", idx).payload, store.teacher_batch("train", idx, fast=False).payload)
+
+
+def test_inline_read_wait_is_counted_once(tmp_path, monkeypatch):
+    """prefetch 0 with slow store reads: the reported wait is a share of the step time, not a running sum of
+    every earlier step's reads (a GPU run reported 207% before the fix)."""
+    store = kd_store(tmp_path / "s", "factored")
+    read = store.teacher_batch
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "teacher_batch", slow)
+    data = {s: store.input_ids(s) for s in ("train", "validation")}
+    c = cfg(alpha=0.5, temperature=1.0, prefetch=0, max_steps=4, eval_steps=100, gradient_accumulation_steps=2)
+    tr = DistillTrainer(tiny_model(0, vocab_size=V), c, data, store=store, out_dir=tmp_path / "o", show_progress=False)
+    tr.train()
+    assert 4 * 2 * 0.2 <= tr.data_wait_seconds <= tr.train_seconds
