@@ -96,7 +96,9 @@ class OnlineKD(DistillTrainer):
 
 def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, teacher=None,
                  chunk: int | None = None) -> DistillTrainer:
-    cfg = TrainConfig(batch_size=ids.shape[0], alpha=alpha, temperature=2.0, max_steps=1000, warmup_steps=0,
+    # dense-u8 dropped its tail: its store refuses T > 1, so it is timed at T = 1 (the same work per step)
+    temperature = 1.0 if store is not None and store.codec.name == "dense-u8" else 2.0
+    cfg = TrainConfig(batch_size=ids.shape[0], alpha=alpha, temperature=temperature, max_steps=1000, warmup_steps=0,
                       loss_chunk_size=chunk)
     data = {"train": store.input_ids("train") if store else ids, "validation": ids[:1]}
     if teacher is not None:
@@ -186,7 +188,7 @@ def main() -> None:
     from distill_pipe.losses import default_chunk_size
 
     auto = default_chunk_size(V, "cpu")
-    variants = [("CE only (alpha=1)", None, None, None), *[(f"KD, store {c}", c, None, None) for c in args.codecs],
+    variants = [("CE only (alpha=1)", None, None, None), *[(f"KD, store {c}" + (" (T=1)" if c == "dense-u8" else ""), c, None, None) for c in args.codecs],
                 *([] if args.skip_online else [("KD online (teacher fwd in step)", None, teacher, None)]),
                 *[(f"KD, store factored, loss chunk {n}", "factored", None, n) for n in args.chunk_sizes]]
     print(f"loss chunk: auto = {auto} positions unless named", flush=True)
