@@ -86,6 +86,7 @@ cat > "$W/params.yaml" <<EOF
 paths:
   tokens: $W/tokens.zarr
   logits: $W/logits.zarr
+  manifest: $W/manifest.json
   train: $W/train
   evaluate: $W/evaluate
 data:
