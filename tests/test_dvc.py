@@ -224,7 +224,8 @@ def test_a_store_rewritten_outside_dvc_is_refused(repo, tmp_path):
     manifest the students depend on."""
     sh("dvc", "repro", cwd=repo)
     other = tmp_path / "other.zarr"
-    code, out = cli("teacher-logits", "--set", f"paths.logits={other}", "--set", "teacher_logits.codec=dense-u8",
+    # dense-bf16: a codec the module's repo never uses (an earlier test leaves it on dense-u8)
+    code, out = cli("teacher-logits", "--set", f"paths.logits={other}", "--set", "teacher_logits.codec=dense-bf16",
                     "--set", f"paths.manifest={tmp_path / 'other.json'}", cwd=repo)
     assert code == 0, out
     shutil.move(repo / STORE, tmp_path / "kept.zarr")
