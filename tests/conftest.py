@@ -99,6 +99,25 @@ def write_project(root: Path, teacher: Path, *, doc_chars: int, seq_len: int, te
     return root
 
 
+def build_store_project(root: Path, teacher: Path, teacher_logits: dict) -> Path:
+    """A project (write_project: 1,500-char documents, seq_len 16, shards of 8) with prepare and the teacher
+    stage already run in it, in-process."""
+    from distill_pipe.config import load_config
+    from distill_pipe.data import run_prepare
+    from distill_pipe.teacher import run_teacher_logits
+
+    write_project(root, teacher, doc_chars=1500, seq_len=16, teacher_logits={"shard_size": 8, **teacher_logits})
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config()
+        run_prepare(cfg)
+        run_teacher_logits(cfg)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, tiny_teacher, monkeypatch) -> Path:
     """A working directory with a params.yaml pointing at the tiny teacher and a small .txt corpus."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-import torch
 import yaml
 
 from test_trainer import MaskedTrainer, cfg, tiny_data, tiny_model

@@ -5,7 +5,6 @@ from a store that drops tokens."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from distill_pipe.store import make_codec
 from distill_pipe.store.codecs import Head
 
-from conftest import assert_one_line_error, run_cli, write_project
+from conftest import assert_one_line_error, build_store_project, run_cli
 
 STUDENT_INIT = {"config": {"num_hidden_layers": 1}}
 TAIL = 0.05  # a large dropped tail, so that the tiny teacher's validation targets fall into it
@@ -108,26 +107,9 @@ def set_students(root: Path, students: dict, **train) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def make_project(root: Path, teacher: Path, teacher_logits: dict) -> Path:
-    from distill_pipe.config import load_config
-    from distill_pipe.data import run_prepare
-    from distill_pipe.teacher import run_teacher_logits
-
-    write_project(root, teacher, doc_chars=1500, seq_len=16, teacher_logits={"shard_size": 8, **teacher_logits})
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config()
-        run_prepare(cfg)
-        run_teacher_logits(cfg)
-    finally:
-        os.chdir(cwd)
-    return root
-
-
 @pytest.fixture(scope="module")
 def u8_project(tmp_path_factory, tiny_teacher) -> Path:
-    return make_project(tmp_path_factory.mktemp("u8_project"), tiny_teacher,
+    return build_store_project(tmp_path_factory.mktemp("u8_project"), tiny_teacher,
                         {"codec": "dense-u8", "codec_params": {"tail_mass": TAIL}})
 
 
@@ -200,7 +182,7 @@ def test_evaluate_from_a_store_sampled_at_T2(tmp_path, tiny_teacher, monkeypatch
     """Tokens sampled at Ts=2 give the teacher at T=2 only: a T=2 student trains from them, and evaluate
     (which compares at T=1) marks KL to the teacher, top-1 agreement and the teacher's perplexity as not
     comparable; the students' perplexities stay."""
-    root = make_project(tmp_path, tiny_teacher, {"codec": "sampled", "codec_params": {"temperature": 2.0}})
+    root = build_store_project(tmp_path, tiny_teacher, {"codec": "sampled", "codec_params": {"temperature": 2.0}})
     monkeypatch.chdir(root)
     set_students(root, {"kd": {"init": STUDENT_INIT, "temperature": 2.0}, "ce": {"init": STUDENT_INIT, "alpha": 1.0}})
     for student in ("kd", "ce"):

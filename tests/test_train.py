@@ -22,7 +22,7 @@ import yaml
 from distill_pipe.config import ConfigError, config_from_dict, load_config
 from distill_pipe.trainer import CheckpointError
 
-from conftest import write_project
+from conftest import build_store_project
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT_INIT = {"config": {"num_hidden_layers": 1}}
@@ -39,20 +39,7 @@ def set_params(root: Path, students: dict, **train) -> None:
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory, tiny_teacher) -> Path:
     """prepare + teacher-logits on the tiny teacher, once per module; tests work on copies."""
-    from distill_pipe.data import run_prepare
-    from distill_pipe.teacher import run_teacher_logits
-
-    root = write_project(tmp_path_factory.mktemp("train_project"), tiny_teacher, doc_chars=1500, seq_len=16,
-                         teacher_logits={"codec": "dense-bf16", "shard_size": 8})
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config()
-        run_prepare(cfg)
-        run_teacher_logits(cfg)
-    finally:
-        os.chdir(cwd)
-    return root
+    return build_store_project(tmp_path_factory.mktemp("train_project"), tiny_teacher, {"codec": "dense-bf16"})
 
 
 @pytest.fixture
