@@ -5,7 +5,6 @@ Shapes: N sequences in a split, L seq_len, B batch, P = B*L flattened positions,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
