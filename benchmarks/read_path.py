@@ -2,6 +2,7 @@
 
     python benchmarks/read_path.py                          # every codec, builtin and Llama-3-8B shapes
     python benchmarks/read_path.py --shapes builtin --codecs factored dense-u8 --seconds 5
+    python benchmarks/read_path.py --shapes --skip-overlap --store data/teacher_logits.zarr   # a real store
 
 Part 1, read + decompress (`LogitStore.teacher_batch`: fetch, checksum, decompress into one CPU payload,
 before any decode) in one process, on random batches of 4 whole sequences, for every codec registered in
@@ -20,10 +21,19 @@ the mean entropy is 2.5 nats, about the builtin teacher's on its pydoc corpus (2
 positions). The factored codec stores those h with head weight s * W / sqrt(d) and bias log pi. One shard's
 payload is encoded once and written to every shard (encoding dense codecs at V=128k is the slow part).
 
-Part 2, overlap: the real training loop (`DistillTrainer.train_step` over the read-ahead stream) whose
-compute is a stand-in that sleeps C seconds per micro-batch (a GPU computing while the CPU is free), reading
-real payloads of one store. R = the step time with nothing to compute and nothing read ahead (prefetch 0).
-With train.prefetch = 2 a step must cost max(C, R) within 5%, for C in {0.5R, R, 2R}.
+Part 2, overlap: the real training loop (`DistillTrainer.train_step` over the read-ahead stream, AdamW,
+clipping, backward of a one-weight model) reading real payloads of one store, whose compute is a stand-in
+of fixed duration C per micro-batch (a GPU computing while the CPU is free). R = the time one micro-batch's
+payload takes to read (fetch, checksum, decompress: `teacher_batch`, median). The loop's own host work o
+(the step with nothing read and nothing to sleep) is counted in C: the stand-in sleeps C - o. With
+train.prefetch = 2 a step must cost max(C, R) within 5%, for C in {0.5R, R, 2R}; inline reads (prefetch 0)
+cost C + R. The reads decode on the usable CPUs less one (`--overlap-read-threads`), leaving the loop a core,
+as DISTILL_PIPE_READ_THREADS would on a host whose cores the training thread shares.
+
+Part 3, contention: a thread that launches small torch ops back to back (what a training thread feeding a
+GPU does) timed alone and while one other thread checksums the store's inner chunks back to back, with the
+crc32c implementation the read path uses and with google-crc32c (zarr's, which holds the GIL). Only the
+checksum is isolated: reads as a whole also take cores, which on a 2-core machine swamps the GIL's share.
 """
 
 from __future__ import annotations
@@ -34,9 +44,12 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 from zarr.codecs import TransposeCodec
@@ -45,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill_pipe.config import TrainConfig  # noqa: E402
 from distill_pipe.losses import LossSums  # noqa: E402
-from distill_pipe.store import create_store, make_codec, open_store  # noqa: E402
+from distill_pipe.store import create_store, make_codec, open_store, shards  # noqa: E402
 from distill_pipe.store.codecs import CODECS, DenseU8Codec, PayloadSpec  # noqa: E402
 from distill_pipe.store.codecs.base import zstd_crc  # noqa: E402
 from distill_pipe.store.shards import decode_threads  # noqa: E402
@@ -55,6 +68,12 @@ from distill_pipe.trainer import DistillTrainer  # noqa: E402
 SHAPES = {"builtin": (576, 49152), "llama3-8b": (4096, 128256)}
 LEGACY = "dense-u8-transposed"  # the dense-u8 layout of earlier stores, as a baseline (still readable)
 TARGET_ENTROPY = 2.5
+_our_crc = shards._crc
+
+
+def _google_crc(data: np.ndarray) -> bytes:
+    """The checksum as the read path computed it before (google-crc32c holds the GIL)."""
+    return np.uint32(google_crc32c.value(data)).tobytes()
 
 
 def synthetic_teacher(d: int, V: int, seed: int = 0):
@@ -135,27 +154,28 @@ def time_reads(store, batches, seconds: float) -> dict:
 
 
 class StandInTrainer(DistillTrainer):
-    """The real train step and read-ahead; compute_loss takes the teacher payload, then sleeps C seconds."""
+    """The real train step and read-ahead; compute_loss takes the teacher payload, then sleeps."""
 
-    compute_s = 0.0
+    sleep_s = 0.0
+    read = True
 
     def compute_loss(self, model, batch):
         tb = batch.teacher
-        if tb is None:  # prefetch 0: read inline, as the real trainer does
+        if tb is None and self.read:  # prefetch 0: read inline, as the real trainer does
             tb = self.teacher_to_device(self.store.teacher_batch(batch.split, batch.indices))
-        time.sleep(self.compute_s)
+        time.sleep(self.sleep_s)
         zero = torch.zeros(())
         return LossSums(loss=next(model.parameters()).sum() * 0, ce=zero, kl=zero, num_tokens=batch.num_tokens)
 
 
-def step_seconds(store, prefetch: int, compute_s: float, steps: int, out: Path) -> float:
+def step_seconds(store, prefetch: int, sleep_s: float, steps: int, out: Path, read: bool = True) -> float:
     """Median seconds per optimizer step after two warm-up steps (the first has nothing read ahead)."""
     model = torch.nn.Linear(1, 1)
     cfg = TrainConfig(batch_size=4, alpha=0.5, max_steps=steps + 2, prefetch=prefetch, eval_steps=10**6,
                       save_steps=10**6, warmup_steps=0)
     data = {"train": store.input_ids("train"), "validation": store.input_ids("train")[:1]}
     tr = StandInTrainer(model, cfg, data, store=store, out_dir=out, show_progress=False)
-    tr.compute_s = compute_s
+    tr.sleep_s, tr.read = sleep_s, read
     stream = tr.open_stream(("train", tr.step_indices(s), None) for s in range(steps + 2))
     times = []
     try:
@@ -170,6 +190,53 @@ def step_seconds(store, prefetch: int, compute_s: float, steps: int, out: Path) 
     return float(np.median(times[2:]))
 
 
+def read_seconds(store, batches, n: int = 12) -> float:
+    """Median seconds to read one micro-batch's teacher payload (fetch, checksum, decompress)."""
+    store.teacher_batch("train", batches[0])
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        store.teacher_batch("train", batches[i % len(batches)])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def launch_loop_seconds(n: int = 4000) -> float:
+    """A thread launching n tiny torch ops back to back (best of 3)."""
+    best = math.inf
+    for _ in range(3):
+        x = torch.zeros(16)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x = x + 1
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def checksum_contention(chunk_bytes: int, crc) -> float:
+    """The launch loop's time while another thread checksums chunk_bytes-sized chunks back to back, over its time
+    alone (median of 3). One background thread on a machine with a free core: what remains is the GIL."""
+    chunk = np.random.default_rng(0).integers(0, 256, chunk_bytes, dtype=np.uint8)
+    ratios = []
+    for _ in range(3):
+        alone = launch_loop_seconds(500)
+        stop = threading.Event()
+
+        def checksums():
+            while not stop.is_set():
+                crc(chunk)
+
+        th = threading.Thread(target=checksums, daemon=True)
+        th.start()
+        time.sleep(0.05)
+        try:
+            ratios.append(launch_loop_seconds(500) / alone)
+        finally:
+            stop.set()
+            th.join()
+    return float(np.median(ratios))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -180,8 +247,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="timed reads per codec and path (at least 2 batches)")
     ap.add_argument("--overlap-codec", default="factored")
     ap.add_argument("--overlap-shape", default="llama3-8b", choices=list(SHAPES))
-    ap.add_argument("--overlap-steps", type=int, default=12)
+    ap.add_argument("--overlap-steps", type=int, default=24)
+    ap.add_argument("--overlap-read-threads", type=int, default=0,
+                    help="decode threads while the loop runs (default: the usable CPUs less one, for the loop)")
     ap.add_argument("--skip-overlap", action="store_true")
+    ap.add_argument("--store", nargs="*", default=[],
+                    help="also time these existing stores (paths or URLs; their train split), e.g. a real teacher's")
     ap.add_argument("--workdir", default=None, help="where the stores go (default: a temp folder, removed)")
     args = ap.parse_args()
     unknown = sorted(set(args.codecs) - set(CODECS) - {LEGACY})
@@ -221,27 +292,58 @@ def main() -> None:
                     shutil.rmtree(path, ignore_errors=True)
             del W, prior
 
+        for location in args.store:
+            store = open_store(location)
+            n = store.num_sequences("train")
+            if n < 4:
+                sys.exit(f"error: {location} holds {n} train sequences; the timed batches take 4")
+            real = [rng.choice(n, 4, replace=False).tolist() for _ in range(64)]
+            payload = sum(arr.nbytes_stored() for name, arr in store._root["train"].arrays() if name != "input_ids")
+            r = time_reads(store, real, args.seconds)
+            row = (f"{location} (d={store.hidden_size}, V={store.vocab_size:,})", store.codec.name,
+                   payload / (n * store.seq_len), r["zarr"]["tok_s"], r["fast"]["tok_s"], r["fast"]["cores"])
+            rows.append(row)
+            print(f"\n{row[0]}: {row[1]} {row[2]:,.0f} B/token  zarr {row[3]:,.0f} tok/s  fast {row[4]:,.0f} tok/s "
+                  f"({row[4] / row[3]:.1f}x, {row[5]:.2f} cores busy)", flush=True)
+
         print("\n| shapes | codec | stored B/token | zarr indexing tok/s | fast path tok/s | speed-up | cores busy |")
         print("|---|---|---|---|---|---|---|")
         for shape, name, bpt, z, f, cores in rows:
             print(f"| {shape} | {name} | {bpt:,.0f} | {z:,.0f} | {f:,.0f} | {f / z:.1f}x | {cores:.2f} |")
 
         if "overlap" in keep:
+            # The training thread needs a core of its own: decode on the others (all of them on one core).
+            threads = args.overlap_read_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+            with shards._pool_lock:
+                if shards._pool is not None:
+                    shards._pool.shutdown()
+                shards._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-decode")
             store = open_store(str(keep["overlap"]))
             out = work / "overlap-run"
-            R = step_seconds(store, 0, 0.0, args.overlap_steps, out)
+            R = read_seconds(store, batches)
+            o = step_seconds(store, 0, 0.0, args.overlap_steps, out, read=False)
             print(f"\noverlap ({args.overlap_codec}, {args.overlap_shape} shapes, micro-batch of 4 x {L} tokens): "
-                  f"R = {R * 1e3:.0f} ms (step with nothing to compute, inline reads)", flush=True)
+                  f"R = {R * 1e3:.1f} ms to read one micro-batch; the loop's own host work o = {o * 1e3:.1f} ms "
+                  f"(counted in C); {threads} decode thread(s)", flush=True)
             print("| C | inline reads (prefetch 0) | read ahead (prefetch 2) | max(C, R) | read ahead / max(C, R) |")
             print("|---|---|---|---|---|")
             for f in (0.5, 1.0, 2.0):
                 C = f * R
-                inline = step_seconds(store, 0, C, args.overlap_steps, out)
-                ahead = step_seconds(store, 2, C, args.overlap_steps, out)
+                if C < o:
+                    print(f"| {f:g}R = {C * 1e3:.1f} ms | below the loop's own {o * 1e3:.1f} ms: not measurable |")
+                    continue
+                inline = step_seconds(store, 0, C - o, args.overlap_steps, out)
+                ahead = step_seconds(store, 2, C - o, args.overlap_steps, out)
                 ideal = max(C, R)
-                print(f"| {f:g}R = {C * 1e3:.0f} ms | {inline * 1e3:.0f} ms | {ahead * 1e3:.0f} ms | "
-                      f"{ideal * 1e3:.0f} ms | {ahead / ideal:.3f} {'(within 5%)' if ahead <= 1.05 * ideal else '(NOT within 5%)'} |",
-                      flush=True)
+                print(f"| {f:g}R = {C * 1e3:.1f} ms | {inline * 1e3:.1f} ms | {ahead * 1e3:.1f} ms | "
+                      f"{ideal * 1e3:.1f} ms | {ahead / ideal:.3f} "
+                      f"{'(within 5%)' if ahead <= 1.05 * ideal else '(NOT within 5%)'} |", flush=True)
+
+            chunk = max(lay.chunk_bytes for lay in store._fast_layouts("train").values())
+            ours, theirs = (checksum_contention(chunk, crc) for crc in (_our_crc, _google_crc))
+            print(f"\ncontention: a thread launching small torch ops runs {ours:.2f}x slower while another thread "
+                  f"checksums {chunk // 1024} KiB inner chunks (this store's) with crc32c (releases the GIL); "
+                  f"{theirs:.0f}x with google-crc32c (holds it)", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

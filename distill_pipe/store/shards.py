@@ -6,7 +6,10 @@ chunk through intermediate buffers. Here a shard's index is read once per opened
 done never change), the inner chunks of all requested rows of all payload arrays are fetched together
 (adjacent chunks of a row in one ranged get; concurrent gets, which is what object storage needs) and
 each chunk is checksummed and decompressed in a thread pool straight into its place in the output (which
-may be pinned memory). numcodecs releases the GIL while it decompresses.
+may be pinned memory). Both steps release the GIL, so reading in the background leaves the training
+thread free: numcodecs while it decompresses, and the checksum is computed by `crc32c` rather than
+`google_crc32c`, which holds the GIL throughout (and, given a numpy view, stalled a thread launching small
+torch ops ~1000x in benchmarks/read_path.py's contention probe).
 
 Only the layout that `create_store` writes is read here (zarr v3 sharding along axis 0, index at the end
 with crc32c, inner chunks (1, c, *trailing) of blosc/zstd/crc32c bytes, optionally transposed); any other
@@ -22,7 +25,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import google_crc32c
+import crc32c
 import numcodecs
 import numpy as np
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
@@ -35,14 +38,23 @@ from distill_pipe.store.format import shard_key
 EMPTY = 2**64 - 1  # an index entry of a chunk never written (it reads as the fill value)
 _ZSTD, _BLOSC = numcodecs.Zstd(), numcodecs.Blosc()  # decoding keeps no state: one of each serves every thread
 
+def _crc(data: np.ndarray) -> bytes:
+    """crc32c of a contiguous uint8 array as zarr stores it (4 bytes little-endian); the GIL is released throughout."""
+    return crc32c.crc32c(memoryview(data), gil_release_mode=1).to_bytes(4, "little")
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
 def decode_threads() -> int:
-    """Threads that decompress: DISTILL_PIPE_READ_THREADS, else the CPUs this process may use."""
+    """Threads that decompress: DISTILL_PIPE_READ_THREADS, else the CPUs this process may use shared among the
+    ranks on this host (torchrun's LOCAL_WORLD_SIZE), so eight ranks on a node do not run eight pools of
+    every core each."""
     env = os.environ.get("DISTILL_PIPE_READ_THREADS")
-    return max(1, int(env)) if env else len(os.sched_getaffinity(0))
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def decode_pool() -> ThreadPoolExecutor:
@@ -124,7 +136,7 @@ class ShardLayout:
             last = not codecs and self.transpose is None  # the final step may write straight into dest
             if isinstance(c, Crc32cCodec):
                 body = data[:-4]
-                if len(data) < 4 or np.uint32(google_crc32c.value(body)).tobytes() != data[-4:].tobytes():
+                if len(data) < 4 or _crc(body) != data[-4:].tobytes():
                     raise ValueError("checksum mismatch")
                 data = body
                 continue
@@ -158,7 +170,7 @@ class ShardIndexCache:
             if buf is None:
                 raise FileNotFoundError("object not found")
             raw = buf.as_numpy_array().view(np.uint8)
-            if raw.size != size or np.uint32(google_crc32c.value(raw[:-4].tobytes())).tobytes() != raw[-4:].tobytes():
+            if raw.size != size or _crc(raw[:-4]) != raw[-4:].tobytes():
                 raise ValueError("shard index checksum mismatch (truncated or overwritten)")
             self._index[key] = raw[:-4].view("<u8").reshape(n, 2).copy()
         return self._index[key]
