@@ -115,11 +115,17 @@ def unwrapped_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True) -> nn.Module:
+def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
+              shard_ends: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root.
 
     The mixed-precision policy casts parameters to `param_dtype` for compute and reduces gradients in
     fp32; `output_dtype=float32` goes on the root only (DESIGN.md gotcha), so the loss sees fp32 logits.
+
+    shard_ends (inference): the input embedding and the output head become units of their own, so each
+    is gathered only while it runs, not for the whole forward with the root (at a 128k vocabulary they are
+    the largest tensors of the model). Tied embeddings share one parameter, which can live in one unit
+    only: they stay in the root.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -127,5 +133,11 @@ def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_f
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=layer_mp, reshard_after_forward=reshard_after_forward)
+    if shard_ends:
+        ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+        shared = {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}
+        if not shared:
+            for module in ends:
+                fully_shard(module, mp_policy=layer_mp, reshard_after_forward=True)
     fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
     return model

@@ -13,9 +13,11 @@ deleted or wrong values), then verifies the whole store.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +50,7 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     inputs (what `dvc repro` wants after a param change), resume it otherwise. repair: verify every finished
     shard first and recompute those that fail (see `_repair`), then verify the whole store again."""
     dist = distributed.init_distributed()
+    _return_freed_memory()
     tokens = open_tokens(cfg.paths.tokens)
     t_attrs = dict(tokens.attrs)
     seq_len = int(t_attrs["seq_len"])
@@ -84,10 +87,11 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
             if not dist.distributed:
                 raise
             error = str(e)
+    head = h_probe = None  # written: rank 0 need not hold a (V, d) head while the teacher runs
     error = distributed.broadcast_object(error)  # every rank fails together, with rank 0's message
     if error is not None:
         raise TeacherError(error)
-    store = open_store(out, mode="r+")
+    store = open_store(out, mode="r+", load_head=False)
     codec = store.codec  # carries what the store recorded (e.g. a fitted transform), also when resuming
 
     if repair:
@@ -116,6 +120,19 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
         write_manifest(cfg.paths.manifest, store)
         log.info("wrote %s (the store's manifest)", cfg.paths.manifest)
     return out
+
+
+def _return_freed_memory() -> None:
+    """glibc: blocks of 1 MiB and more get mappings of their own, unmapped when freed. By default glibc raises
+    that threshold to the largest block freed so far (up to 32 MiB), after which FSDP's per-layer all-gather
+    buffers are carved from the heap and stay there, fragmented: +0.4-0.7 GiB per rank in
+    benchmarks/scale.py. A MALLOC_MMAP_THRESHOLD_ the user set wins."""
+    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the raising)
+    except (OSError, AttributeError):  # not glibc (musl): nothing to tune
+        pass
 
 
 def _verify_share(store, dist) -> list[tuple[str, int, str]]:
@@ -202,12 +219,19 @@ def _load_model(src, dtype: torch.dtype, dist):
     if not dist.distributed:
         return models.load_causal_lm(src, dtype=dtype, device=dist.device)
     # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
-    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None)  # noqa: E731
+    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, shard_ends=True)  # noqa: E731
     model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
     if model is None:
         log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
         model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
     return model
+
+
+def _reshard(model) -> None:
+    """Free what FSDP gathered for the root unit: with no backward to follow, FSDP2 keeps the root's
+    parameters whole after a forward, for the rest of the stage."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def _gathered_head(model, dtype: torch.dtype, dist) -> dict | None:
@@ -223,7 +247,7 @@ def _gathered_head(model, dtype: torch.dtype, dist) -> dict | None:
             tensors[key] = (t.full_tensor() if hasattr(t, "full_tensor") else t).to(dtype)
     if not dist.is_main:
         return None
-    return head_from_model(model, tensors)
+    return head_from_model(model, tensors, float32=False)  # kept in `dtype`: no whole float32 copy
 
 
 def _linear_head(model, probe_ids, codec, dtype: torch.dtype, dist) -> tuple[dict | None, torch.Tensor | None]:
@@ -236,12 +260,16 @@ def _linear_head(model, probe_ids, codec, dtype: torch.dtype, dist) -> tuple[dic
     ids = torch.as_tensor(np.asarray(probe_ids), dtype=torch.long, device=dist.device)
     with torch.inference_mode(), _capture_hidden(model) as cap:
         logits = model(ids).logits.float().flatten(0, 1).cpu()
+        _reshard(model)
         h = cap["h"].float().flatten(0, 1).cpu()
     if head is None:
         return None, None
-    with torch.inference_mode():
-        rebuilt = Head(head["weight"], head["bias"], head["final_logit_softcapping"], head["logit_scale"]).logits(h)
-    err = (rebuilt - logits).abs().max().item()
+    err, W, b = 0.0, head["weight"], head["bias"]
+    with torch.inference_mode():  # in blocks of vocabulary rows: the head is never held whole in float32
+        for v in range(0, W.shape[0], 8192):
+            part = Head(W[v:v + 8192].float(), None if b is None else b[v:v + 8192],
+                        head["final_logit_softcapping"], head["logit_scale"]).logits(h)
+            err = max(err, (part - logits[:, v:v + 8192]).abs().max().item())
     # the model rounds its logits to `dtype` (bf16: 2^-8 relative); anything non-linear errs far more
     tol = max(1e-3, 4 * torch.finfo(dtype).eps)
     if not err <= tol * max(1.0, logits.abs().max().item()):
@@ -352,6 +380,7 @@ def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, se
         failed, ids = e, torch.zeros((stop - start, seq_len), dtype=torch.long, device=dist.device)
     # logits_to_keep=1: the factored codec needs only the hidden state, not the (B, L, V) logits.
     out = model(ids, logits_to_keep=1 if codec.input_kind == "hidden" else 0)
+    _reshard(model)
     if failed is not None:
         raise failed
     if not real:

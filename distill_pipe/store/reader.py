@@ -68,7 +68,7 @@ class TeacherBatch:
 class LogitStore:
     """An opened logit store. Use `open_store` / `create_store` rather than the constructor."""
 
-    def __init__(self, root: zarr.Group, location: str, mode: str):
+    def __init__(self, root: zarr.Group, location: str, mode: str, load_head: bool = True):
         self._root = root
         self.location = location
         self.mode = mode
@@ -91,7 +91,10 @@ class LogitStore:
         self._known_done: dict[str, set[int]] = {}  # shards seen complete (they never become incomplete)
         self._specs = self.codec.payload_specs(self.vocab_size, self.hidden_size)
         self._check_shapes()
-        self.head  # noqa: B018 - load the head (and a factored codec's transforms) now
+        if load_head:
+            self.head  # noqa: B018 - load the head (and a factored codec's transforms) now
+        else:  # a writer needs the codec's transforms only: the (V, d) head loads when first used
+            self._transform()
 
     # ---- metadata -------------------------------------------------------------------------------
     @property
@@ -201,17 +204,23 @@ class LogitStore:
             g = self._root[HEAD_GROUP]
             names = set(g.array_keys())
             tensor = lambda n: torch.from_numpy(np.asarray(g[n][...], dtype=np.float32))  # noqa: E731
-            transform = None
-            if getattr(self.codec, "uses_transform", False):
-                if not {"transform", "encode_transform"} <= names:
-                    raise StoreCorruptError(f"{self.location}: codec {self.codec} needs {HEAD_GROUP}/transform "
-                                            "and encode_transform")
-                transform = tensor("transform")
-                # the opened store's codec can encode more shards (resume) with the stored transform
-                self.codec.enc_DD, self.codec.dec_DD = tensor("encode_transform"), transform
             self._head = Head(tensor("weight"), tensor("bias") if "bias" in names else None,
-                              g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), transform)
+                              g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), self._transform())
         return self._head
+
+    def _transform(self) -> torch.Tensor | None:
+        """A factored codec's fitted (d, d) transform, if it uses one; the opened store's codec gets it too,
+        so it can encode more shards (resume) exactly as the first ones."""
+        if self.codec.name != "factored" or not getattr(self.codec, "uses_transform", False):
+            return None
+        g = self._root[HEAD_GROUP]
+        if not {"transform", "encode_transform"} <= set(g.array_keys()):
+            raise StoreCorruptError(f"{self.location}: codec {self.codec} needs {HEAD_GROUP}/transform "
+                                    "and encode_transform")
+        tensor = lambda n: torch.from_numpy(np.asarray(g[n][...], dtype=np.float32))  # noqa: E731
+        transform = tensor("transform")
+        self.codec.enc_DD, self.codec.dec_DD = tensor("encode_transform"), transform
+        return transform
 
     def head_on(self, device) -> Head | None:
         """The head on `device` with any transform folded in, made once per device (a training run moves it
@@ -418,8 +427,10 @@ def open_group(path_or_url, mode: str, storage_options: dict | None = None) -> z
     return zarr.open_group(zarr.storage.LocalStore(str(path_or_url), read_only=(mode == "r")), mode=mode)
 
 
-def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None) -> LogitStore:
-    """Open a store at a local path or fsspec URL (memory://, s3:// with s3fs); mode 'r' or 'r+'."""
+def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None,
+               load_head: bool = True) -> LogitStore:
+    """Open a store at a local path or fsspec URL (memory://, s3:// with s3fs); mode 'r' or 'r+'.
+    load_head=False defers reading a factored store's (V, d) head until it is used (a writer never does)."""
     if mode not in ("r", "r+"):
         raise ValueError(f"open_store: mode must be 'r' or 'r+', got {mode!r}")
     try:
@@ -428,7 +439,7 @@ def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None
             zarr.errors.ContainsArrayError) as e:
         raise NotAStoreError(f"{path_or_url} is not a distill-pipe logit store ({type(e).__name__}): "
                              "check the path, or create it with `distill-pipe teacher-logits`") from None
-    return LogitStore(root, str(path_or_url), mode)
+    return LogitStore(root, str(path_or_url), mode, load_head=load_head)
 
 
 class _RowsAt:

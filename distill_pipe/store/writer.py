@@ -40,7 +40,10 @@ def _versions() -> dict:
 
 
 def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if not isinstance(x, torch.Tensor):
+        return np.asarray(x)
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # numpy has no bfloat16
 
 
 def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], codec: Codec | str,
@@ -78,9 +81,9 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
     if codec.name == "factored":
         if head is None or hidden_size is None:
             raise ValueError("create_store: the factored codec needs head={'weight': ...} and hidden_size")
-        weight = _np(head["weight"]).astype(np.float32)
-        if weight.shape != (vocab_size, hidden_size):
-            raise StoreError(f"create_store: head weight has shape {weight.shape} but vocab_size, hidden_size "
+        weight = head["weight"]  # any dtype, torch or numpy: written as float32 a block of rows at a time
+        if tuple(weight.shape) != (vocab_size, hidden_size):
+            raise StoreError(f"create_store: head weight has shape {tuple(weight.shape)} but vocab_size, hidden_size "
                              f"= ({vocab_size}, {hidden_size})")
         bias = None if head.get("bias") is None else _np(head["bias"]).astype(np.float32)
         if bias is not None and bias.shape != (vocab_size,):
@@ -102,7 +105,11 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
     if codec.name == "factored":
         g = root.create_group(HEAD_GROUP)
         rows = max(1, min(vocab_size, 2**20 // (4 * hidden_size)))
-        g.create_array("weight", data=weight, chunks=(rows, hidden_size), compressors=ZstdCodec(level=3))
+        w = g.create_array("weight", shape=(vocab_size, hidden_size), dtype=np.float32, chunks=(rows, hidden_size),
+                           compressors=ZstdCodec(level=3))
+        block = rows * max(1, (64 << 20) // (4 * hidden_size * rows))  # ~64 MB of float32 per write
+        for start in range(0, vocab_size, block):
+            w[start:start + block] = _np(weight[start:start + block]).astype(np.float32)
         if bias is not None:
             g.create_array("bias", data=bias, compressors=ZstdCodec(level=3))
         transforms = codec.transforms(hidden_size)

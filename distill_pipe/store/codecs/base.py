@@ -87,9 +87,10 @@ class Head:
         return logits_PV
 
 
-def head_from_model(model, tensors: dict | None = None) -> dict:
+def head_from_model(model, tensors: dict | None = None, float32: bool = True) -> dict:
     """The head dict `create_store` wants, from a transformers causal LM, or StoreError if not factorable.
-    tensors: {"weight", "bias"} to use instead of the module's own (e.g. gathered from FSDP shards)."""
+    tensors: {"weight", "bias"} to use instead of the module's own (e.g. gathered from FSDP shards).
+    float32=False keeps the model's dtype (create_store converts block by block: no whole fp32 copy)."""
     lm_head = model.get_output_embeddings()
     cfg = model.config
     text_cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -100,7 +101,7 @@ def head_from_model(model, tensors: dict | None = None) -> dict:
     scale = getattr(text_cfg, "logit_scale", None)
     tensors = tensors or {"weight": lm_head.weight.detach(), "bias": None if lm_head.bias is None else lm_head.bias.detach()}
     return {
-        "weight": tensors["weight"].float().cpu(),
+        "weight": (tensors["weight"].float() if float32 else tensors["weight"]).cpu(),
         "bias": None if tensors.get("bias") is None else tensors["bias"].float().cpu(),
         "final_logit_softcapping": None if softcap is None else float(softcap),
         "logit_scale": None if scale is None or scale == 1.0 else float(scale),
