@@ -116,28 +116,33 @@ def unwrapped_class(model: nn.Module) -> type:
 
 
 def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
-              shard_ends: bool = False) -> nn.Module:
+              inference: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root.
 
     The mixed-precision policy casts parameters to `param_dtype` for compute and reduces gradients in
     fp32; `output_dtype=float32` goes on the root only (DESIGN.md gotcha), so the loss sees fp32 logits.
 
-    shard_ends (inference): the input embedding and the output head become units of their own, so each
-    is gathered only while it runs, not for the whole forward with the root (at a 128k vocabulary they are
-    the largest tensors of the model). Tied embeddings share one parameter, which can live in one unit
-    only: they stay in the root.
+    inference (a teacher, forward only) trades a few more collectives for a lower peak of memory, since a
+    unit's all-gather costs 2-4x the unit's size while it runs (the gathered output, the unsharded copy,
+    gloo's buffers on the CPU):
+    - the input embedding and the output head stay whole on every rank, outside FSDP: sharded, they are the
+      largest gathers of a forward (V x d each), repeated for every batch;
+    - each layer's large children (attention, MLP: any child with >= 1/8 of the layer's parameters) are
+      units of their own, so only one of them is gathered at a time.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layer_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
     for layer in decoder_layers(model):
+        if inference:
+            total = sum(p.numel() for p in layer.parameters())
+            for child in layer.children():
+                if sum(p.numel() for p in child.parameters()) * 8 >= total:
+                    fully_shard(child, mp_policy=layer_mp, reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mp_policy=layer_mp, reshard_after_forward=reshard_after_forward)
-    if shard_ends:
-        ends = [model.get_input_embeddings(), model.get_output_embeddings()]
-        shared = {id(p) for p in ends[0].parameters()} & {id(p) for p in ends[1].parameters()}
-        if not shared:
-            for module in ends:
-                fully_shard(module, mp_policy=layer_mp, reshard_after_forward=True)
-    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward)
+    ignored = None
+    if inference:
+        ignored = {p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     return model

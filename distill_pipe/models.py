@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import socket
@@ -203,13 +204,22 @@ def load_causal_lm_sharded(src: ModelSource, dtype: torch.dtype, device: torch.d
         for name, param in model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             start = _shard_offset(param, local)
-            # open per tensor: only this slice's pages are ever mapped, so host memory stays at one shard
+            # open per tensor, read ~64 MB of rows at a time: only those pages are ever mapped, so host memory
+            # stays at this rank's shard (plus the tensors a caller keeps whole, e.g. the teacher's head)
             with safe_open(index[name], framework="pt") as f:
-                rows = f.get_slice(name)[start:start + local.shape[0]] if local.dim() else f.get_tensor(name)
-            if tuple(rows.shape) != tuple(local.shape):
-                raise ModelSpecError(f"{src.spec}: {name} has shape {tuple(rows.shape)} rows in the checkpoint, "
-                                     f"the model expects {tuple(local.shape)}")
-            local.copy_(rows.to(dtype))
+                if not local.dim():
+                    local.copy_(f.get_tensor(name).to(dtype))
+                    continue
+                sl, n, trailing = f.get_slice(name), local.shape[0], tuple(local.shape[1:])
+                step = max(1, (64 << 20) // max(1, 4 * math.prod(trailing)))
+                for a in range(0, n, step):
+                    b = min(a + step, n)
+                    rows = sl[start + a:start + b]
+                    if tuple(rows.shape) != (b - a, *trailing):
+                        raise ModelSpecError(f"{src.spec}: {name} has shape {tuple(rows.shape)} in rows "
+                                             f"{start + a}:{start + b} of the checkpoint, the model expects "
+                                             f"{(b - a, *trailing)}")
+                    local[a:b].copy_(rows.to(dtype))
         _fill_buffers(model, index, device)
     n = sum(p.numel() for p in model.parameters())
     log.info("loaded model %s shard by shard: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__,

@@ -214,12 +214,13 @@ def _id_range(ids) -> tuple[int, int]:
 def _load_model(src, dtype: torch.dtype, dist):
     """The teacher, ready to run: whole on the device in one process; under torchrun FSDP2-sharded, built on
     the meta device with each rank reading only its own rows of the safetensors (in `dtype`), so the whole
-    model never exists on one host. A checkpoint that cannot be read by rows (GGUF, .bin) is loaded whole
+    model never exists on one host. The embedding and the output head are held whole on every rank
+    (`fsdp_wrap(inference=True)`: cheaper than gathering them for every forward). A checkpoint that cannot be read by rows (GGUF, .bin) is loaded whole
     on each rank, in `dtype`, and then sharded."""
     if not dist.distributed:
         return models.load_causal_lm(src, dtype=dtype, device=dist.device)
     # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
-    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, shard_ends=True)  # noqa: E731
+    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, inference=True)  # noqa: E731
     model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
     if model is None:
         log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
@@ -235,9 +236,9 @@ def _reshard(model) -> None:
 
 
 def _gathered_head(model, dtype: torch.dtype, dist) -> dict | None:
-    """The output head on rank 0 (None elsewhere): FSDP-sharded weights are all-gathered (every rank takes
-    part) in the compute dtype, so the head is the one the teacher applies, the same with any number of
-    ranks; the other ranks drop it at once."""
+    """The output head on rank 0 (None elsewhere), in the compute dtype, so the head is the one the teacher
+    applies, the same with any number of ranks. The teacher holds it whole on every rank; were it sharded,
+    every rank would take part in gathering it, and the others drop it at once."""
     lm_head = model.get_output_embeddings()
     tensors = {}
     for key in ("weight", "bias"):
