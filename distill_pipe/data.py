@@ -528,6 +528,7 @@ def run_prepare(cfg: Config) -> Path:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -681,6 +682,7 @@ def tokens_fingerprint(arrays: dict, attrs: dict) -> str:
 def write_tokens(out: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
     """Write whole arrays as a tokens store, through a temporary sibling swapped in (never half-written)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -692,6 +694,33 @@ def write_tokens(out: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _clear_leftovers(out: Path) -> None:
+    """What a killed prepare left beside `out`: its half-written `.tmp-<pid>` (removed) and, if it died
+    between the two renames of `_swap_in`, the previous output as `.old-<pid>` (put back where `out` is
+    missing, removed otherwise). Only leftovers of processes no longer running on this host are touched:
+    another prepare may be writing its own."""
+    for p in sorted(out.parent.glob(out.name + ".*-*")):
+        kind, _, pid = p.name[len(out.name) + 1:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _running(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            os.replace(p, out)
+            log.warning("restored %s from %s, left by a prepare killed while swapping its output in", out, p.name)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            log.info("removed %s, left by a killed prepare", p)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

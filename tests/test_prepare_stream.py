@@ -2,6 +2,9 @@
 and corpus files that are not valid UTF-8."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +154,32 @@ def test_hub_dataset_is_read_in_batches(project, monkeypatch):
     assert attrs["corpus"]["documents"] == 40
     docs = data.load_documents(load_config(overrides=["data.source=some-org/some-corpus"]).data)
     assert [d.text for d in docs] == texts and docs[8].name == "some-org/some-corpus#8"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_a_killed_prepare_are_cleared_and_a_lost_output_restored(existing_output, project):
+    marker, before = existing_output
+    out = Path(TOKENS)
+    dead = _dead_pid()
+    # killed between _swap_in's two renames: the previous output is only under .old-<pid>
+    os.replace(out, out.with_name(out.name + f".old-{dead}"))
+    (out.with_name(out.name + f".tmp-{dead}") / "train").mkdir(parents=True)  # a half-written output
+    live = out.with_name(out.name + f".tmp-{os.getpid()}-other")  # not a pid suffix: never touched
+    live.mkdir()
+    running = out.with_name(out.name + f".tmp-{os.getpid()}")  # a running process's: never touched
+    running.mkdir()
+    data._clear_leftovers(out)
+    assert marker.read_bytes() == before  # put back
+    assert not out.with_name(out.name + f".old-{dead}").exists()
+    assert not out.with_name(out.name + f".tmp-{dead}").exists()
+    assert live.exists() and running.exists()
+    # a second .old- beside an existing output is only removed
+    stale = out.with_name(out.name + f".old-{dead}")
+    stale.mkdir()
+    data._clear_leftovers(out)
+    assert not stale.exists() and marker.read_bytes() == before
