@@ -125,7 +125,7 @@ def part_prepare(args, work: Path) -> None:
         lo, hi = results[sizes[0]], results[sizes[-1]]
         print(f"  peak RSS {sizes[-1]:.0e} / {sizes[0]:.0e}: {hi['peak_rss_bytes'] / lo['peak_rss_bytes']:.3f} "
               "(target within 1.10, under 1 GB)")
-    print(f"  (load average {os.getloadavg()[0]:.1f} at end; 2 cores shared with other jobs)", flush=True)
+    print(f"  (load average {os.getloadavg()[0]:.1f} at end, {len(os.sched_getaffinity(0))} usable CPUs)", flush=True)
 
 
 # ---------------------------------------------------------------- teacher
