@@ -223,11 +223,12 @@ def main() -> None:
           "| payload bytes/token |")
     print("|---|---|---|---|---|")
     for label, t in results.items():
-        codec = label.split("store ")[-1].split(",")[0] if "store" in label else None
+        codec = label.split("store ")[-1].split(",")[0].split(" ")[0] if "store" in label else None
         # payload only: the factored head (V x d, stored once) would dominate a store this small
         size = f"{sum(du(work / f'{codec}.zarr' / s) for s in ('train', 'validation')) / ((B + 1) * L):,.0f}" \
             if codec else ""
-        print(f"| {label} | {t:.2f} ({medians[label]:.2f}) | {t / ce:.2f}x | {online_t / t:.2f}x | {size} |")
+        speedup = "" if math.isnan(online_t) else f"{online_t / t:.2f}x"
+        print(f"| {label} | {t:.2f} ({medians[label]:.2f}) | {t / ce:.2f}x | {speedup} | {size} |")
     print(f"| teacher forward alone | {teacher_fwd:.2f} ({statistics.median(fwd):.2f}) | | | |")
 
     if args.skip_rss:
