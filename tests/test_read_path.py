@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -259,3 +260,28 @@ def test_inline_read_wait_is_counted_once(tmp_path, monkeypatch):
     tr = DistillTrainer(tiny_model(0, vocab_size=V), c, data, store=store, out_dir=tmp_path / "o", show_progress=False)
     tr.train()
     assert 4 * 2 * 0.2 <= tr.data_wait_seconds <= tr.train_seconds
+
+
+def test_decode_threads_are_shared_among_a_hosts_ranks(monkeypatch):
+    from distill_pipe.store.shards import decode_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("DISTILL_PIPE_READ_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decode_threads() == cpus
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert decode_threads() == max(1, cpus // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 4))
+    assert decode_threads() == 1  # never none
+    monkeypatch.setenv("DISTILL_PIPE_READ_THREADS", "3")
+    assert decode_threads() == 3  # the user's setting wins
+
+
+def test_checksum_matches_zarrs_crc32c():
+    import google_crc32c
+
+    from distill_pipe.store.shards import _crc
+
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    for part in (data, data[:0], data[7:]):  # empty and unaligned views too
+        assert _crc(part) == np.uint32(google_crc32c.value(part.tobytes())).tobytes()

@@ -138,6 +138,21 @@ def test_factored_klt_int8_transform_coding(tmp_path):
     assert tv(ref, torch.log_softmax(batch.logits(), -1)).mean() < 0.02
     again = store.codec.encode(h[20:])["hidden"]  # the reopened store's codec encodes identically (resume)
     assert torch.equal(again.reshape(-1, D), batch.payload["hidden"])
+    # a writer opens it without the (V, d) head: the codec still gets its transform, the head loads when used
+    lazy = open_store(tmp_path / "s", mode="r+", load_head=False)
+    assert lazy._head is None
+    assert torch.equal(lazy.codec.encode(h[20:])["hidden"].reshape(-1, D), batch.payload["hidden"])
+    assert torch.equal(lazy.teacher_batch("train", list(range(20, 40))).logits(), batch.logits())
+
+
+def test_create_store_writes_a_bf16_head_as_float32_in_blocks(tmp_path):
+    h, w, b, ids = make_data(n=4)
+    w16 = w.to(torch.bfloat16)
+    codec = make_codec("factored")
+    store = create_store(tmp_path / "s", attrs={}, splits={"train": ids}, codec=codec, shard_size=4,
+                         vocab_size=V, hidden_size=D, head={"weight": w16, "bias": b})
+    assert store.head.weight_VD.dtype == torch.float32
+    assert torch.equal(store.head.weight_VD, w16.float())  # bf16 -> fp32 is exact
 
 
 def naive_u8(logits_PV, step, tail_mass, gamma, k):
