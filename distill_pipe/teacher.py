@@ -50,7 +50,8 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     inputs (what `dvc repro` wants after a param change), resume it otherwise. repair: verify every finished
     shard first and recompute those that fail (see `_repair`), then verify the whole store again."""
     dist = distributed.init_distributed()
-    _return_freed_memory()
+    if dist.device.type == "cpu":  # on a GPU the gathers live in device memory; host copies stay cheap
+        _return_freed_memory()
     tokens = open_tokens(cfg.paths.tokens)
     t_attrs = dict(tokens.attrs)
     seq_len = int(t_attrs["seq_len"])
@@ -125,8 +126,9 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
 def _return_freed_memory() -> None:
     """glibc: blocks of 1 MiB and more get mappings of their own, unmapped when freed. By default glibc raises
     that threshold to the largest block freed so far (up to 32 MiB), after which FSDP's per-layer all-gather
-    buffers are carved from the heap and stay there, fragmented: +0.4-0.7 GiB per rank in
-    benchmarks/scale.py. A MALLOC_MMAP_THRESHOLD_ the user set wins."""
+    buffers (host memory when the teacher runs on the CPU) are carved from the heap and stay there,
+    fragmented: +0.4-0.7 GiB per rank in benchmarks/scale.py. Not on a GPU, where a fresh mapping for every
+    batch's payload copy would cost page faults. A MALLOC_MMAP_THRESHOLD_ the user set wins."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:
@@ -215,8 +217,8 @@ def _load_model(src, dtype: torch.dtype, dist):
     """The teacher, ready to run: whole on the device in one process; under torchrun FSDP2-sharded, built on
     the meta device with each rank reading only its own rows of the safetensors (in `dtype`), so the whole
     model never exists on one host. The embedding and the output head are held whole on every rank
-    (`fsdp_wrap(inference=True)`: cheaper than gathering them for every forward). A checkpoint that cannot be read by rows (GGUF, .bin) is loaded whole
-    on each rank, in `dtype`, and then sharded."""
+    (`fsdp_wrap(inference=True)`: cheaper than gathering them for every forward). A checkpoint that cannot be
+    read by rows (GGUF, .bin) is loaded whole on each rank, in `dtype`, and then sharded."""
     if not dist.distributed:
         return models.load_causal_lm(src, dtype=dtype, device=dist.device)
     # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
