@@ -68,7 +68,6 @@ from distill_pipe.trainer import DistillTrainer  # noqa: E402
 SHAPES = {"builtin": (576, 49152), "llama3-8b": (4096, 128256)}
 LEGACY = "dense-u8-transposed"  # the dense-u8 layout of earlier stores, as a baseline (still readable)
 TARGET_ENTROPY = 2.5
-_our_crc = shards._crc
 
 
 def _google_crc(data: np.ndarray) -> bytes:
@@ -340,7 +339,7 @@ def main() -> None:
                       f"{'(within 5%)' if ahead <= 1.05 * ideal else '(NOT within 5%)'} |", flush=True)
 
             chunk = max(lay.chunk_bytes for lay in store._fast_layouts("train").values())
-            ours, theirs = (checksum_contention(chunk, crc) for crc in (_our_crc, _google_crc))
+            ours, theirs = (checksum_contention(chunk, crc) for crc in (shards._crc, _google_crc))
             print(f"\ncontention: a thread launching small torch ops runs {ours:.2f}x slower while another thread "
                   f"checksums {chunk // 1024} KiB inner chunks (this store's) with crc32c (releases the GIL); "
                   f"{theirs:.0f}x with google-crc32c (holds it)", flush=True)

@@ -202,24 +202,24 @@ class LogitStore:
             return None
         if self._head is None:
             g = self._root[HEAD_GROUP]
-            names = set(g.array_keys())
-            tensor = lambda n: torch.from_numpy(np.asarray(g[n][...], dtype=np.float32))  # noqa: E731
-            self._head = Head(tensor("weight"), tensor("bias") if "bias" in names else None,
+            self._head = Head(self._head_array("weight"),
+                              self._head_array("bias") if "bias" in set(g.array_keys()) else None,
                               g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), self._transform())
         return self._head
+
+    def _head_array(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self._root[f"{HEAD_GROUP}/{name}"][...], dtype=np.float32))
 
     def _transform(self) -> torch.Tensor | None:
         """A factored codec's fitted (d, d) transform, if it uses one; the opened store's codec gets it too,
         so it can encode more shards (resume) exactly as the first ones."""
         if self.codec.name != "factored" or not getattr(self.codec, "uses_transform", False):
             return None
-        g = self._root[HEAD_GROUP]
-        if not {"transform", "encode_transform"} <= set(g.array_keys()):
+        if not {"transform", "encode_transform"} <= set(self._root[HEAD_GROUP].array_keys()):
             raise StoreCorruptError(f"{self.location}: codec {self.codec} needs {HEAD_GROUP}/transform "
                                     "and encode_transform")
-        tensor = lambda n: torch.from_numpy(np.asarray(g[n][...], dtype=np.float32))  # noqa: E731
-        transform = tensor("transform")
-        self.codec.enc_DD, self.codec.dec_DD = tensor("encode_transform"), transform
+        transform = self._head_array("transform")
+        self.codec.enc_DD, self.codec.dec_DD = self._head_array("encode_transform"), transform
         return transform
 
     def head_on(self, device) -> Head | None:

@@ -8,8 +8,8 @@ done never change), the inner chunks of all requested rows of all payload arrays
 each chunk is checksummed and decompressed in a thread pool straight into its place in the output (which
 may be pinned memory). Both steps release the GIL, so reading in the background leaves the training
 thread free: numcodecs while it decompresses, and the checksum is computed by `crc32c` rather than
-`google_crc32c`, which holds the GIL throughout (and, given a numpy view, stalled a thread launching small
-torch ops ~1000x in benchmarks/read_path.py's contention probe).
+`google_crc32c`, which holds the GIL throughout (a thread launching small torch ops ran 6x to 2,400x
+slower beside it in benchmarks/read_path.py's contention probe; 1.1-1.2x beside crc32c).
 
 Only the layout that `create_store` writes is read here (zarr v3 sharding along axis 0, index at the end
 with crc32c, inner chunks (1, c, *trailing) of blosc/zstd/crc32c bytes, optionally transposed); any other
@@ -37,6 +37,7 @@ from distill_pipe.store.format import shard_key
 
 EMPTY = 2**64 - 1  # an index entry of a chunk never written (it reads as the fill value)
 _ZSTD, _BLOSC = numcodecs.Zstd(), numcodecs.Blosc()  # decoding keeps no state: one of each serves every thread
+
 
 def _crc(data: np.ndarray) -> bytes:
     """crc32c of a contiguous uint8 array as zarr stores it (4 bytes little-endian); the GIL is released throughout."""
