@@ -19,15 +19,8 @@ O(C*V) fp32 plus one (N, V) gradient in the student dtype: never a full (N, V) f
 A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
 
 Sparse targets (`sampled`, `topk` stores): the teacher function returns `SparseTargets` instead of (C, V)
-logits: K ids per position with teacher probabilities w_k at T, optionally a "rest" bucket of mass m that is
-matched to the student's own mass outside the ids, q_rest = 1 - sum_k q_k. Then
-
-    KL  = const - sum_k w_k log q_T(id_k) - m log q_rest        (const = sum p log p, stored by the codec)
-    dKL/d(z/T) = (sum_k w_k + m) q_T - scatter(w) - m * q_T * [v not in ids] / q_rest
-
-gathered from the student's log-probs in the same chunk pass (at T = 1 the CE term's log_softmax is reused),
-so no (N, V) or (C, V) teacher tensor is ever formed. With K draws from p_T stored as unique ids and counts,
-w = counts / draws and E[w] = p_T: the gradient is unbiased for the dense one (tests/test_losses.py).
+logits; the divergence is then gathered from the student's log-probs in the same chunk pass, so no (N, V) or
+(C, V) teacher tensor is ever formed. The per-chunk math of every term is in divergences.py.
 """
 
 from __future__ import annotations
@@ -40,45 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from distill_pipe.divergences import SparseTargets, chunk_terms
+
 IGNORE_INDEX = -100
 """Target value of positions excluded from every term and from the token count."""
 
-
-
-@dataclass
-class SparseTargets:
-    """Sparse teacher targets of C positions at the training temperature (K ids each).
-
-    ids_CK: int64 token ids; padding slots hold any valid id with probability 0.
-    probs_CK: float32 teacher probabilities at T of those ids (an unbiased estimate for a sampled store).
-    rest_C: float32 teacher mass outside the ids, matched by one bucket to the student's mass outside them;
-    None when the ids carry all the mass (sampled).
-    neg_entropy_C: float32 sum p log p of the teacher at T (the KL's constant; gradients do not depend on it).
-    """
-
-    ids_CK: torch.Tensor
-    probs_CK: torch.Tensor
-    rest_C: torch.Tensor | None
-    neg_entropy_C: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.ids_CK.shape[0]
-
-    def select(self, rows: torch.Tensor) -> SparseTargets:
-        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
-        return SparseTargets(pick(self.ids_CK), pick(self.probs_CK), pick(self.rest_C), pick(self.neg_entropy_C))
-
-    def within_vocab(self, vocab_size: int) -> SparseTargets:
-        """Ids at or beyond `vocab_size` (a teacher's padded vocabulary) leave the target (probability 0)."""
-        out = self.ids_CK >= vocab_size
-        if not out.any():
-            return self
-        return SparseTargets(self.ids_CK.masked_fill(out, 0), self.probs_CK.masked_fill(out, 0.0), self.rest_C,
-                             self.neg_entropy_C)
-
-    def to(self, device) -> SparseTargets:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SparseTargets(move(self.ids_CK), move(self.probs_CK), move(self.rest_C), move(self.neg_entropy_C))
 
 
 TeacherLogitsFn = Callable[[int, int], "torch.Tensor | SparseTargets"]
@@ -253,43 +212,17 @@ class _HybridSums(torch.autograd.Function):
         grad_NV = torch.zeros_like(student_logits_NV) if build_grad else None
         for start, end, rows_C in chunks:
             z_CV = student_logits_NV.index_select(0, rows_C).float()
-            y_C1 = targets_N.index_select(0, rows_C).unsqueeze(1).long()
-            logp_CV = z_CV.log_softmax(-1)  # student at T=1
-            ce += -logp_CV.gather(1, y_C1).sum()
-            t = teacher_logits_fn(start, end) if teacher_logits_fn is not None else None
-            if isinstance(t, SparseTargets):
-                kl_C, g_CV = _sparse_chunk(z_CV, logp_CV, y_C1, t, start, end, rows_C, ce_weight,
-                                           kl_weight, temperature, build_grad)
-                kl += kl_C
-                if build_grad:
-                    grad_NV.index_copy_(0, rows_C, g_CV.to(grad_NV.dtype))
-                del logp_CV, g_CV
-                continue
-            if build_grad:
-                g_CV = logp_CV.exp_().scatter_add_(1, y_C1, torch.full_like(y_C1, -1, dtype=torch.float32))
-                g_CV.mul_(ce_weight)  # ce_weight * (softmax(z) - onehot(y)); logp_CV is now consumed
-            del logp_CV
-            if teacher_logits_fn is not None:
-                t_CV = t
-                assert t_CV.shape == (end - start, V), (
-                    f"teacher logits for [{start}, {end}) are {tuple(t_CV.shape)}, expected {(end - start, V)}"
-                )
-                if len(rows_C) < end - start:
-                    t_CV = t_CV.index_select(0, rows_C - start)
-                log_p_CV = (t_CV.float() / temperature).log_softmax(-1)
-                del t_CV
-                p_CV = log_p_CV.exp()
-                log_q_CV = (z_CV / temperature).log_softmax(-1)
-                # 0 * log 0 = 0: a -inf teacher logit (zero probability) must not give -inf - x = NaN.
-                term_CV = (log_p_CV - log_q_CV).masked_fill_(p_CV == 0, 0.0).mul_(p_CV)
-                kl += term_CV.sum()
-                del term_CV, log_p_CV
-                if build_grad:  # d(kl_weight * KL)/dz = kl_weight / T * (q_T - p_T)
-                    g_CV.add_(log_q_CV.exp_().sub_(p_CV), alpha=kl_weight / temperature)
-                del p_CV, log_q_CV
+            y_C = targets_N.index_select(0, rows_C).long()
+            t = None if teacher_logits_fn is None else _counted_rows(teacher_logits_fn(start, end), start, end,
+                                                                      rows_C, V)
+            ce_C, kl_C, g_CV = chunk_terms(z_CV, y_C, t, ce_weight=ce_weight, kd_weight=kl_weight,
+                                           temperature=temperature, build_grad=build_grad)
+            ce += ce_C
+            kl += kl_C
+            del z_CV, t
             if build_grad:
                 grad_NV.index_copy_(0, rows_C, g_CV.to(grad_NV.dtype))
-                del g_CV
+            del g_CV
         ctx.grad_NV = grad_NV
         loss = ce_weight * ce + kl_weight * kl
         ctx.mark_non_differentiable(ce, kl)
@@ -305,45 +238,12 @@ class _HybridSums(torch.autograd.Function):
         return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None
 
 
-def _sparse_chunk(z_CV, logp_CV, y_C1, t: SparseTargets, start, end, rows_C, ce_weight, kl_weight,
-                  temperature, build_grad) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(KL sum of the chunk, its gradient of ce_weight*CE + kl_weight*KL w.r.t. z (C, V) or None).
-
-    logp_CV: the student's log_softmax at T=1 (the CE term's); consumed (it becomes the gradient). The student
-    at T comes from it: e = exp(logp / T) = q_T * s per row (s = sum e), so no second log_softmax is needed,
-    and at T = 1 e is the CE term's softmax itself."""
-    assert len(t) == end - start, f"sparse targets for [{start}, {end}) hold {len(t)} positions"
-    if len(rows_C) < end - start:
-        t = t.select(rows_C - start)
-    same_t = temperature == 1.0
-    ids_CK, w_CK = t.ids_CK.long(), t.probs_CK.float()
-    e_CV = logp_CV.exp() if same_t else logp_CV.mul(1.0 / temperature).exp_()
-    s_C1 = e_CV.sum(-1, keepdim=True)
-    log_q_CK = logp_CV.gather(1, ids_CK).div_(temperature).sub_(s_C1.log())  # log q_T at the ids
-    kl_C = t.neg_entropy_C.float() - (w_CK * log_q_CK).sum(-1)
-    mass_C1 = w_CK.sum(-1, keepdim=True)
-    if t.rest_C is not None:
-        m_C1 = t.rest_C.float().unsqueeze(1)
-        rest_C1 = e_CV.scatter(1, ids_CK, 0.0).sum(-1, keepdim=True)  # the student's mass outside the ids, * s
-        # 0 * log 0 = 0: no teacher mass in the bucket costs nothing, whatever the student puts there.
-        kl_C = kl_C - (m_C1 * (rest_C1.log() - s_C1.log())).masked_fill_(m_C1 == 0, 0.0).squeeze(1)
-        mass_C1 = mass_C1 + m_C1
-    kl = kl_C.sum()
-    if not build_grad:
-        return kl, None
-    scale = kl_weight / temperature  # d(kl_weight * KL)/dz = kl_weight / T * dKL/d(z/T)
-    # dKL/d(z/T) = mass * q_T - w at the ids - m * q_T / q_rest outside them  (q_T = e / s, q_rest = rest / s)
-    coef_C1 = mass_C1 * scale / s_C1
-    at_ids_CK = w_CK * -scale
-    if t.rest_C is not None:
-        bucket_C1 = torch.where(rest_C1 > 0, m_C1 * scale / rest_C1, 0.0)
-        coef_C1 = coef_C1 - bucket_C1
-        at_ids_CK = at_ids_CK + bucket_C1 * e_CV.gather(1, ids_CK)  # the ids are not in the bucket
-    if same_t:  # ce_weight * softmax(z) + coef * e, with e = softmax(z)
-        g_CV = e_CV.mul_(coef_C1 + ce_weight)
-        del logp_CV
-    else:
-        g_CV = e_CV.mul_(coef_C1).add_(logp_CV.exp_(), alpha=ce_weight)
-    g_CV.scatter_add_(1, y_C1, torch.full_like(y_C1, -ce_weight, dtype=torch.float32))
-    g_CV.scatter_add_(1, ids_CK, at_ids_CK)
-    return kl, g_CV
+def _counted_rows(t, start: int, end: int, rows_C: torch.Tensor, V: int):
+    """The teacher's targets of chunk [start, end) restricted to its counted rows rows_C."""
+    if isinstance(t, SparseTargets):
+        assert len(t) == end - start, f"sparse targets for [{start}, {end}) hold {len(t)} positions"
+        return t.select(rows_C - start) if len(rows_C) < end - start else t
+    assert t.shape == (end - start, V), (
+        f"teacher logits for [{start}, {end}) are {tuple(t.shape)}, expected {(end - start, V)}"
+    )
+    return t.index_select(0, rows_C - start) if len(rows_C) < end - start else t
