@@ -5,7 +5,7 @@
 For each codec, in one process and on the same batches: the pure forward (the exact call the stage makes,
 nothing stored) and the stage's compute loop (forward + encode on the teacher's device + copy to CPU +
 the background shard writer), each timed `--repeats` times, best taken. The ratio stage/pure is the
-figure the README quotes; the target is >= 0.9 (the writer overlaps the compute).
+figure docs/benchmarks.md quotes; the target is >= 0.9 (the writer overlaps the compute).
 """
 
 from __future__ import annotations

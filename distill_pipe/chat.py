@@ -102,7 +102,7 @@ def resolve_template(tok, template: str | None, teacher: str) -> str:
         own = own.get("default")
     if not own:
         raise ChatError(f"the tokenizer of {teacher} has no chat template; set data.chat_template to a Jinja "
-                        "chat template (the README has a ChatML one) or use data.format=text")
+                        "chat template (docs/chat.md has a ChatML one) or use data.format=text")
     return own
 
 

@@ -122,7 +122,7 @@ def test_changing_the_codec_replaces_the_persisted_store(repo):
 
 
 def test_store_shared_through_a_dvc_remote(repo, tmp_path):
-    """The README's recipe: cache the store, `dvc push` it; a fresh clone `dvc pull`s it and trains students
+    """docs/dvc.md's recipe: cache the store, `dvc push` it; a fresh clone `dvc pull`s it and trains students
     without running the teacher."""
     a = tmp_path / "a"
     shutil.copytree(repo, a, ignore=shutil.ignore_patterns("plots_html"))
@@ -262,7 +262,7 @@ def s3_endpoint(monkeypatch):
 
 
 def test_repro_with_the_store_on_s3(tmp_path, tiny_teacher, s3_endpoint):
-    """The README's object-storage recipe: paths.logits is an s3:// URL; `dvc repro` runs the whole lineage
+    """docs/dvc.md's object-storage recipe: paths.logits is an s3:// URL; `dvc repro` runs the whole lineage
     with the store in the bucket and only its manifest on disk, then does nothing; the store read back over
     S3 holds exactly what a local run writes."""
     import fsspec

@@ -102,7 +102,7 @@ def test_kd_student_outputs_load_and_generate(proj):
 
 
 def test_store_on_an_fsspec_url(proj):
-    """paths.logits as a URL (memory:// here, s3:// in the README): stage one writes there, a rerun finds
+    """paths.logits as a URL (memory:// here, s3:// in docs/dvc.md): stage one writes there, a rerun finds
     it complete, `inspect` reads it, and stage two trains from it exactly as from the local store."""
     import uuid
 

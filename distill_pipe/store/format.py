@@ -1,6 +1,6 @@
 """Store format v2: names, constants, errors and the on-disk layout rules shared by writer and reader.
 
-Layout (a Zarr v3 group; readable with `zarr` alone, see README "The logit store"):
+Layout (a Zarr v3 group; readable with `zarr` alone, see docs/store-format.md):
 
     <root>/zarr.json           group attributes (`info`): format, format_version, codec, shapes, lineage
     <root>/head/               factored codec only: weight (V, d) float32, [bias (V,)],

@@ -178,7 +178,7 @@ def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
     if mask is not None:
         # Positions that predict no target hold a constant (zeros, or the codec's masked_fill): zstd stores
         # a run of it in a few bytes, whatever the codec, so the store pays only for the positions trained
-        # on (README "Chat data").
+        # on (docs/chat.md).
         keep_nL = payload_keep(mask[start:stop])
         for name, a in arrays.items():
             a = arrays[name] = a if a.flags.writeable else a.copy()

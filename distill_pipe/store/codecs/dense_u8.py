@@ -29,7 +29,7 @@ class DenseU8Codec(Codec):
     # (11.2x smaller than raw bf16) at mean TV 1.4e-3 at T=1 (gamma 0.2: 9,224 B, 1.4e-3; exact_top_k=0:
     # 8,397 B, 3.5e-3). At T=2 and 4 the dropped tail costs TV 0.24 and 0.63, whatever the grid.
     # The size follows the tokens kept (those outside the tail, ~1.3-1.4 B each), i.e. the teacher's support on
-    # the text: 9.3-13.3 KB/token on four texts at the same TV (README, "What dense-u8's size depends on").
+    # the text: 9.3-13.3 KB/token on four texts at the same TV (docs/benchmarks.md, "What dense-u8's size depends on").
     def __init__(self, step: float = 1 / 255, tail_mass: float = 1e-3, gamma: float | None = None,
                  zstd_level: int = 9, exact_top_k: int = 32):
         if gamma is None:
@@ -59,7 +59,7 @@ class DenseU8Codec(Codec):
         # At T <= 1 the dropped tail's share of the mass can only shrink: the tail holds the least likely
         # tokens, and p_i^(1/T) falls fastest for them (d/dbeta log sum_S p^beta is a p^beta-weighted mean of
         # log p, lower on the tail than off it). Above T=1 it grows without a bound the store can give:
-        # benchmarks/codecs.py measured TV 0.013 to the teacher at T=1.25 and 0.24 at T=2 (README, Codecs).
+        # benchmarks/codecs.py measured TV 0.013 to the teacher at T=1.25 and 0.24 at T=2 (docs/benchmarks.md, Codecs).
         if temperature <= 1:
             return None
         what = (f"dropped its tail (the least likely tokens, < {self.tail_mass:g} of the mass at T=1, a share "
