@@ -19,6 +19,9 @@ import yaml
 
 DEFAULT_PARAMS = "params.yaml"
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+"""The values of train.divergence (defined in distill_pipe/divergences.py, which computes them)."""
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `3e-4` as a string (a float needs a dot there); learning rates are written so."""
@@ -171,6 +174,18 @@ class TrainConfig:
     """Weight of the CE term: loss = alpha*CE + (1-alpha)*T^2*KL. alpha=1 is plain LM training (no store)."""
     temperature: float = 2.0
     """Distillation temperature T (> 0)."""
+    divergence: str = "forward_kl"
+    """What the KD term measures between the teacher p_T = softmax(t/T) and the student q_T = softmax(z/T), summed
+    over positions and scaled by T^2 like the KL: forward_kl KL(p_T||q_T) (covers the teacher's modes),
+    reverse_kl KL(q_T||p_T) (seeks them), jsd the generalized Jensen-Shannon divergence with train.beta, tvd the
+    total variation 0.5*sum|p_T - q_T|. A sampled store allows forward_kl only (an unbiased estimate of the
+    teacher keeps only that one unbiased); a dense-u8 store with a dropped tail refuses reverse_kl (infinite on
+    the tail's zero-probability tokens). The figures logged as `kl` / `eval_kl` hold the chosen divergence."""
+    beta: float = 0.5
+    """The generalized JSD's weight in [0, 1] (read by divergence jsd only): m = beta*p_T + (1-beta)*q_T and
+    JSD = beta*KL(p_T||m) + (1-beta)*KL(q_T||m). beta 0 is forward_kl and 1 is reverse_kl exactly (as in TRL and
+    Liger); in between the JSD is about beta*(1-beta) times the KL near the teacher (0.25x at 0.5), and tends to
+    beta*KL(p_T||q_T) as beta goes to 0, so weigh it with alpha accordingly."""
     eval_steps: int = 10
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     save_steps: int = 10
@@ -204,6 +219,9 @@ class TrainConfig:
                f"{p}.loss_chunk_size must be null (auto) or >= 1, got {self.loss_chunk_size}")
         _check(0.0 <= self.alpha <= 1.0, f"{p}.alpha must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, f"{p}.temperature must be > 0, got {self.temperature}")
+        _check(self.divergence in DIVERGENCES,
+               f"{p}.divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        _check(0.0 <= self.beta <= 1.0, f"{p}.beta must be in [0, 1], got {self.beta}")
         _check(self.learning_rate > 0, f"{p}.learning_rate must be > 0, got {self.learning_rate}")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.num_epochs > 0, f"{p}.num_epochs must be > 0, got {self.num_epochs}")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from distill_pipe.divergences import SparseTargets, chunk_terms
+from distill_pipe.divergences import SparseTargets, check_divergence, chunk_terms
 
 IGNORE_INDEX = -100
 """Target value of positions excluded from every term and from the token count."""
@@ -55,7 +55,8 @@ class LossSums:
     ce: torch.Tensor
     """Scalar fp32, detached: cross-entropy sum (at T=1)."""
     kl: torch.Tensor
-    """Scalar fp32, detached: KL(teacher_T || student_T) sum, without the T^2 factor; 0 when alpha == 1."""
+    """Scalar fp32, detached: the divergence's sum (train.divergence; KL(teacher_T || student_T) by default),
+    without the T^2 factor; 0 when alpha == 1."""
     num_tokens: int
     """Counted positions (target != IGNORE_INDEX)."""
 
@@ -139,18 +140,22 @@ def hybrid_loss(
     alpha: float,
     temperature: float,
     chunk_size: int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> LossSums:
     """alpha*CE + (1-alpha)*T^2*KL summed over counted positions (see the module docstring).
 
     student_logits_NV: (N, V) any float dtype; targets_N: (N,) int, IGNORE_INDEX where excluded.
     teacher_logits_fn is never called when alpha == 1 (plain LM training) and may then be None.
+    divergence, beta: what takes the KL's place (train.divergence, train.beta; divergences.py).
     """
     check_hparams(alpha, temperature)
+    check_divergence(divergence, beta)
     if alpha < 1 and teacher_logits_fn is None:
         raise ValueError(f"hybrid_loss needs teacher_logits_fn when train.alpha < 1, got alpha={alpha}")
     kl_weight = (1.0 - alpha) * temperature**2
     return _weighted_sums(
-        student_logits_NV, targets_N, teacher_logits_fn, alpha, kl_weight, temperature, chunk_size
+        student_logits_NV, targets_N, teacher_logits_fn, alpha, kl_weight, temperature, chunk_size, divergence, beta
     )
 
 
@@ -162,6 +167,8 @@ def _weighted_sums(
     kl_weight: float,
     temperature: float,
     chunk_size: int | None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> LossSums:
     """LossSums with loss = ce_weight * CE + kl_weight * KL; the teacher is read only if kl_weight."""
     assert student_logits_NV.dim() == 2, f"student logits must be (N, V), got {tuple(student_logits_NV.shape)}"
@@ -177,7 +184,7 @@ def _weighted_sums(
     build_grad = torch.is_grad_enabled() and student_logits_NV.requires_grad
     loss, ce, kl = _HybridSums.apply(
         student_logits_NV, targets_N, teacher_logits_fn if kl_weight else None,
-        ce_weight, kl_weight, temperature, chunks, build_grad,
+        ce_weight, kl_weight, temperature, chunks, build_grad, divergence, beta,
     )
     return LossSums(loss=loss, ce=ce, kl=kl, num_tokens=sum(len(rows) for _, _, rows in chunks))
 
@@ -205,7 +212,7 @@ class _HybridSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits_NV, targets_N, teacher_logits_fn, ce_weight, kl_weight,
-                temperature, chunks, build_grad):
+                temperature, chunks, build_grad, divergence, beta):
         V = student_logits_NV.shape[1]
         fp32 = dict(dtype=torch.float32, device=student_logits_NV.device)
         ce, kl = torch.zeros((), **fp32), torch.zeros((), **fp32)
@@ -216,7 +223,8 @@ class _HybridSums(torch.autograd.Function):
             t = None if teacher_logits_fn is None else _counted_rows(teacher_logits_fn(start, end), start, end,
                                                                       rows_C, V)
             ce_C, kl_C, g_CV = chunk_terms(z_CV, y_C, t, ce_weight=ce_weight, kd_weight=kl_weight,
-                                           temperature=temperature, build_grad=build_grad)
+                                           temperature=temperature, build_grad=build_grad,
+                                           divergence=divergence, beta=beta)
             ce += ce_C
             kl += kl_C
             del z_CV, t
@@ -235,7 +243,7 @@ class _HybridSums(torch.autograd.Function):
         # Scaling in place keeps one (N, V) buffer instead of two; it can therefore be used once.
         assert grad_NV is not None, "hybrid loss backward ran twice (retain_graph is not supported)"
         ctx.grad_NV = None
-        return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None
+        return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None, None, None
 
 
 def _counted_rows(t, start: int, end: int, rows_C: torch.Tensor, V: int):

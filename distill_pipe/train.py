@@ -25,8 +25,8 @@ import torch
 from distill_pipe import distributed as dd
 from distill_pipe import models
 from distill_pipe.config import Config, StudentConfig
-from distill_pipe.trainer import (CheckpointError, DistillTrainer, Trainer, check_store_temperature,
-                                  checkpoint_step)
+from distill_pipe.trainer import (CheckpointError, DistillTrainer, Trainer, check_store_divergence,
+                                  check_store_temperature, checkpoint_step)
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,14 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
                               f"or delete {out} to start over")
     source = _open_data(cfg, tc)
     check_store_temperature(source.get("store"), tc)  # before anything in `out` is touched
+    check_store_divergence(source.get("store"), tc)
     data = source["data"]
     if data["validation"].shape[0] == 0:
         raise TrainError(f"the validation split of {source['path']} is empty: evaluation and early stopping "
                          "need it; raise data.validation_fraction and rerun `distill-pipe prepare`")
     fingerprint = {
         "student": student,
-        "train": {k: v for k, v in dataclasses.asdict(tc).items() if k not in UNFINGERPRINTED_KEYS},
+        "train": _train_identity(tc),
         "init": scfg.init,
         "data": source["identity"],
         "world_size": info.world_size,
@@ -99,6 +100,17 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
         exporter.write_metrics(trainer)
         log.info("wrote %s (best eval loss %.4f at step %d)", out, result["best_eval_loss"], result["best_step"])
     dd.barrier()
+    return out
+
+
+def _train_identity(tc) -> dict:
+    """The train keys that change what the run computes. beta counts only for jsd, and a forward-KL run (the
+    default divergence, the only one before these keys came) is identified as before: its checkpoints resume."""
+    out = {k: v for k, v in dataclasses.asdict(tc).items() if k not in UNFINGERPRINTED_KEYS}
+    if tc.divergence != "jsd":
+        del out["beta"]
+    if tc.divergence == "forward_kl":
+        del out["divergence"]
     return out
 
 

@@ -642,6 +642,7 @@ class DistillTrainer(Trainer):
             raise ConfigError(f"train.alpha={cfg.alpha} < 1 needs the teacher-logit store; run "
                               "`distill-pipe teacher-logits` or set alpha: 1")
         check_store_temperature(store, cfg)
+        check_store_divergence(store, cfg)
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
         self.vocab_size = vocab_size
@@ -683,13 +684,22 @@ class DistillTrainer(Trainer):
                 return tb.logits(start, end)[:, :V]
 
         return hybrid_loss(logits_NV, targets_N, teacher_fn, alpha=self.cfg.alpha,
-                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
+                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size,
+                           divergence=self.cfg.divergence, beta=self.cfg.beta)
 
 
 def check_store_temperature(store, cfg: TrainConfig) -> None:
     """ConfigError when KD at cfg.temperature would read targets the store does not hold (e.g. a sampled store
     drawn at another temperature); CE-only training (alpha == 1) never reads the store."""
     problem = store.codec.check_temperature(cfg.temperature) if store is not None and cfg.alpha < 1 else None
+    if problem:
+        raise ConfigError(problem)
+
+
+def check_store_divergence(store, cfg: TrainConfig) -> None:
+    """ConfigError when train.divergence cannot be computed from the store's targets (Codec.divergences: e.g.
+    reverse KL from a sampled store); CE-only training (alpha == 1) never reads the store."""
+    problem = store.codec.check_divergence(cfg.divergence, cfg.beta) if store is not None and cfg.alpha < 1 else None
     if problem:
         raise ConfigError(problem)
 

@@ -92,7 +92,9 @@ def make_case(N=13, V=7, seed=0, ignore=(2, 3, 9), num_neg_inf=10):
     targets_N[list(ignore)] = IGNORE_INDEX
     # -inf entries (dense-u8's dropped tail), never a whole row: column 0 stays finite
     flat = torch.randperm(N * (V - 1), generator=g)[:num_neg_inf]
-    teacher_NV[:, 1:].reshape(-1)[flat] = NEG_INF
+    mask = torch.zeros(N * (V - 1), dtype=torch.bool)
+    mask[flat] = True
+    teacher_NV[:, 1:][mask.view(N, V - 1)] = NEG_INF  # (t[:, 1:].reshape(-1) would be a copy)
     return student_NV, teacher_NV, targets_N
 
 

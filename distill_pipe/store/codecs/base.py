@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from distill_pipe.config import DIVERGENCES
+from distill_pipe.divergences import resolve_divergence
 from distill_pipe.store.format import StoreError
 
 FP16_MAX = 65504.0
@@ -117,6 +119,28 @@ class Codec:
     """True when the stored distribution gives some tokens probability zero that the teacher did not (a
     dropped tail, top-k, samples): the teacher's own perplexity read from such a store is not comparable."""
 
+    divergences: tuple[str, ...] = DIVERGENCES
+    """The train.divergence values the loss computes from this codec's targets (exactly, or unbiasedly from an
+    unbiased estimate); training refuses the others before any compute (trainer.check_store_divergence). A new
+    codec declares its own: a sparse codec without a rest bucket allows forward_kl only (SparseCodec)."""
+    divergence_limit: str = ""
+    """Why the other divergences are not computed from this codec's store (a clause of the refusal)."""
+
+    def check_divergence(self, divergence: str, beta: float) -> str | None:
+        """Why training with `divergence` (and `beta`) from this codec's store would be wrong (one line naming the
+        divergences and codecs that allow it), or None."""
+        computed = resolve_divergence(divergence, beta)
+        if computed in self.divergences:
+            return None
+        from distill_pipe.store.codecs import CODECS  # the registry imports this module
+
+        asked = f"train.divergence {divergence}" + (f" with train.beta {beta:g} (= {computed})"
+                                                     if divergence != computed else "")
+        ok = ["jsd (beta < 1)" if d == "jsd" and "reverse_kl" not in self.divergences else d for d in self.divergences]
+        stores = [name for name, codec in CODECS.items() if computed in codec.divergences and name != self.name]
+        return (f"{asked} cannot be computed from the {self.name} store: {self.divergence_limit}; use "
+                f"train.divergence {_either(ok)}, or a store of codec {_either(stores)}")
+
     def check_temperature(self, temperature: float) -> str | None:
         """Why training at `temperature` from this codec's store would be wrong (a one-line fix), or None.
         Training refuses such a temperature before any compute (trainer.check_store_temperature)."""
@@ -149,3 +173,8 @@ class Codec:
 
     def __repr__(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
+
+
+def _either(names: list[str]) -> str:
+    """"a", "a or b", "a, b or c"."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from distill_pipe.config import DIVERGENCES
 from distill_pipe.store.codecs.base import Codec, PayloadSpec, blosc_shuffle, zstd_crc
 
 
@@ -47,6 +48,11 @@ class DenseU8Codec(Codec):
         self.gamma = float(gamma)
         self.zstd_level = int(zstd_level)
         self.exact_top_k = int(exact_top_k)
+        if self.tail_mass > 0:  # the dropped tail decodes to probability 0, where KL(q || p) is infinite
+            self.divergences = tuple(d for d in DIVERGENCES if d != "reverse_kl")
+            self.divergence_limit = (f"it dropped its tail (probability 0 for the least likely tokens, < "
+                                     f"{self.tail_mass:g} of the teacher's mass), where reverse KL is infinite (a "
+                                     "dense-u8 store made with teacher_logits.codec_params.tail_mass 0 allows it)")
         c = torch.arange(255, dtype=torch.float64)
         r = torch.log1p(-c * self.step) / self.gamma if self.gamma > 0 else -c * self.step
         self._table = torch.cat([r, torch.tensor([-math.inf], dtype=torch.float64)]).float()  # (256,)

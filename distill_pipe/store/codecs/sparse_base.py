@@ -20,6 +20,9 @@ class SparseCodec(Codec):
     input_kind = "logits"
     sparse = True
     drops_tokens = True  # a few ids per position: evaluate reports the teacher's perplexity as not comparable
+    divergences = ("forward_kl",)
+    divergence_limit = ("its targets are an unbiased estimate of the teacher without a rest bucket, and only forward "
+                        "KL, linear in the target, stays unbiased from one")
 
     def __init__(self, temperature: float):
         if not (temperature > 0 and math.isfinite(temperature)):

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from distill_pipe.config import DIVERGENCES
 from distill_pipe.losses import SparseTargets
 from distill_pipe.store.codecs.base import PayloadSpec, blosc_shuffle, zstd_crc
 from distill_pipe.store.codecs.sparse_base import SparseCodec
@@ -30,6 +31,7 @@ class TopKCodec(SparseCodec):
     """k: ids kept per position; temperature: Ts, the temperature (besides 1) whose tail mass is stored."""
 
     name = "topk"
+    divergences = DIVERGENCES  # exact over the k + 1 outcomes: the k ids and the rest bucket
     ENCODE_ELEMENTS = 2**22
 
     def __init__(self, k: int = 32, temperature: float = 1.0, zstd_level: int = 9):
@@ -89,7 +91,8 @@ class TopKCodec(SparseCodec):
         log_p_PK = log_top_PK + torch.log1p(-log_m_P.exp().clamp(max=1.0)).unsqueeze(1)  # (1 - m) * softmax
         p_PK, m_P = log_p_PK.exp(), log_m_P.exp()
         neg_entropy = (p_PK * log_p_PK).nan_to_num_(0.0).sum(-1) + (m_P * log_m_P).nan_to_num_(0.0)
-        return SparseTargets(self.ids_from_payload(payload["top_ids"]), p_PK, m_P, neg_entropy)
+        # the logs too: at low T, p underflows to 0 in fp32 where log p is finite (reverse KL reads log p)
+        return SparseTargets(self.ids_from_payload(payload["top_ids"]), p_PK, m_P, neg_entropy, log_p_PK, log_m_P)
 
     def decode(self, payload, head):
         """logits l with softmax(l / Ts) = the top k exactly and the tail's mass spread evenly over the rest."""
