@@ -72,3 +72,18 @@ def test_dvc_yaml_keeps_student_checkpoints_and_auto_resumes():
     assert "--auto-resume" in stage["cmd"]
     (out,) = stage["outs"]
     assert next(iter(out.values()))["persist"] is True
+
+
+def test_resume_keeps_the_time_spent_waiting_for_data(tmp_path):
+    """metrics.json's data_wait_seconds goes on from the checkpoint after a resume, as train_seconds does (it
+    restarted at 0, so the wait share was wrong after a resume)."""
+    c = cfg(batch_size=2, gradient_accumulation_steps=1, max_steps=6, save_steps=3)
+    first = MaskedTrainer(tiny_model(0), c, tiny_data(12), out_dir=tmp_path, show_progress=False)
+    first.train(until_step=3)  # stops right after its checkpoint at step 3
+    assert first.data_wait_seconds > 0
+    second = MaskedTrainer(tiny_model(1), c, tiny_data(12), out_dir=tmp_path, show_progress=False)
+    second.load_checkpoint(second.latest_checkpoint())
+    assert second.data_wait_seconds == first.data_wait_seconds
+    assert second.train_seconds == first.train_seconds
+    second.train()
+    assert second.summary()["data_wait_seconds"] > first.data_wait_seconds

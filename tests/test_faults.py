@@ -311,9 +311,9 @@ def test_sigkills_in_train_then_resume_give_the_uninterrupted_student(store_proj
 
 KILL_POINTS = [
     ("distill_pipe.models.save_pretrained_quietly", 2),  # inside an export: its folder half-written
-    ("distill_pipe.train._symlink_atomic", 3),  # an export complete, not yet published
+    ("distill_pipe.checkpoint._symlink_atomic", 3),  # an export complete, not yet published
     ("torch.save", 5),  # inside a checkpoint save: DCP files written, trainer.pt not
-    ("distill_pipe.trainer._write_atomic", 2),  # a checkpoint renamed into place, `latest` not yet moved
+    ("distill_pipe.checkpoint._write_atomic", 3),  # a checkpoint renamed into place, `latest` not yet moved
 ]
 
 
