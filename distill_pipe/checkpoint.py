@@ -15,6 +15,17 @@ strings, lists and dicts (numpy's and Python's RNG states as tensors and lists) 
 weights_only). A file holding anything else (a checkpoint of distill-pipe 0.1, whose numpy RNG state was
 pickled, or one made to run code) is refused with a one-line `CheckpointError` before anything is changed.
 
+A finished run (its last step taken, or stopped early) keeps, once its best model is exported
+(`Checkpointer.finish`, `Exporter.prune`): the exported model (`model/` -> checkpoints/exports/step-BEST, with
+its metrics.json: the lineage identities evaluate checks), and of its latest checkpoint trainer.pt (step, evals,
+early stopping, fingerprint), meta.json and the carried metrics history. That is what `train --auto-resume`
+needs to see the run is finished and republish the same model without training (a resume restores the history
+and evals; the model comes from the export), and what tells a changed config apart (the fingerprint: another
+max_steps or num_epochs sets the small folder aside and trains from step 0, so nothing could continue from the
+dropped state). It drops model, optimizer and RNG state of every checkpoint and the older checkpoints: a
+finished run never continues, and the AdamW state alone is twice the model (1.6 GB per student in the demo).
+Unfinished runs keep everything for resume.
+
 `Exporter` publishes the best model by eval loss as `<out>/model` (a symlink into checkpoints/exports) with
 `<out>/metrics.json`, so that a kill at any instant leaves a complete one.
 """
@@ -32,6 +43,7 @@ import pickle
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +121,10 @@ class Checkpointer:
         dd.barrier()
         return final
 
-    def load(self, path: Path, model, optimizer) -> dict:
+    def load(self, path: Path, model, optimizer, is_finished: Callable[[dict], bool] = lambda state: False) -> dict:
         """Restore model, optimizer and RNG from `path`, put the carried folders back; returns the trainer's
-        state. Refuses a checkpoint from another config."""
+        state. Refuses a checkpoint from another config. is_finished(state): True for a run with nothing left
+        to train, whose checkpoint may hold no model state (`finish` dropped it)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -123,14 +136,18 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)} "
                                   f"differ{what}); restore the old params and data to resume, or pass "
                                   "--auto-resume instead of --resume to keep it aside and start from step 0")
-        sds = _state_dicts(model, optimizer)
-        with _single_process_dcp_quiet():
-            reader, planner = _safe_dcp()
-            dcp.load(sds, storage_reader=reader(str(path)), planner=planner(path))
-        set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optimizer"])
-        rng_file = path / f"rng-rank{self.info.rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(_safe_load(rng_file))
+        if (path / ".metadata").exists():
+            sds = _state_dicts(model, optimizer)
+            with _single_process_dcp_quiet():
+                reader, planner = _safe_dcp()
+                dcp.load(sds, storage_reader=reader(str(path)), planner=planner(path))
+            set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optimizer"])
+            rng_file = path / f"rng-rank{self.info.rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(_safe_load(rng_file))
+        elif not is_finished(state):
+            raise CheckpointError(f"checkpoint {path} holds no model state though its run is unfinished; delete "
+                                  f"{self.dir} to start over")
         if self.info.is_main:
             for name, folder in self.carry.items():  # as it was at the checkpoint
                 shutil.rmtree(folder, ignore_errors=True)
@@ -138,6 +155,21 @@ class Checkpointer:
                     shutil.copytree(path / name, folder)
         dd.barrier()
         return state
+
+    def finish(self) -> None:
+        """A finished run: drop what only continuing it needs. Older checkpoints go; the latest keeps trainer.pt
+        (step, evals, fingerprint: what `--auto-resume` needs to see the run is finished), meta.json and the
+        carried folders, and loses model, optimizer and RNG state. DCP's index goes first: from then on the
+        folder claims no model state, so a kill at any point of this leaves a checkpoint that loads."""
+        latest = self.latest()
+        if self.info.is_main and latest is not None:
+            for old in self.checkpoints():
+                if old != latest:
+                    shutil.rmtree(old, ignore_errors=True)
+            for pattern in (".metadata", "*.distcp", "rng-rank*.pt"):
+                for f in sorted(latest.glob(pattern)):
+                    f.unlink()
+        dd.barrier()
 
     def clean_stale_temp(self) -> None:
         """Remove temp folders of saves that were interrupted (they were never pointed at)."""
@@ -377,6 +409,10 @@ class Exporter:
         if not self.info.is_main:
             return
         self.write_metrics(trainer)
+        self.prune(trainer)
+
+    def prune(self, trainer) -> None:
+        """Delete exports that neither `model` nor a kept checkpoint refers to (rank 0)."""
         keep = {os.path.basename(os.readlink(self.out / "model"))} if (self.out / "model").is_symlink() else set()
         for ck in trainer.checkpoints():
             best = json.loads((ck / "meta.json").read_text()).get("best_step") if (ck / "meta.json").exists() else None

@@ -5,8 +5,9 @@
 
 Writes `<paths.train>/<student>/`: `model/` (the best model by eval loss: save_pretrained + tokenizer; a
 symlink into checkpoints/exports, see `Exporter`), `metrics.json` (describes the step `model/` holds),
-`history/train.csv` and `history/eval.csv` (DVC plots), `checkpoints/` (resume), and whatever the student
-initialisation records (e.g. the layers kept).
+`checkpoints/` (resume; once the run is finished, only what a rerun needs to see that: checkpoint.py),
+and whatever the student initialisation records (e.g. the layers kept); and
+`<paths.dvclive>/<student>/`: its step and eval metrics, live (dvclive, see metrics.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     tc = scfg.train
     info = dd.init_distributed()
     out = Path(cfg.paths.train) / student
+    live = metrics_dir(cfg, student)
     ckpt_dir = out / "checkpoints"
     latest = ckpt_dir / "latest"
     if latest.exists() and not (resume or auto_resume):
@@ -75,8 +77,8 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
         if auto_resume and latest.exists():
             set_aside_if_changed(ckpt_dir, fingerprint)
         if not latest.exists():  # a fresh run: outputs of an earlier, checkpoint-less run are stale
-            for stale in ("history", "model", "metrics.json", "checkpoints/exports"):
-                remove(out / stale)
+            for stale in (live, out / "model", out / "metrics.json", out / "checkpoints" / "exports"):
+                remove(stale)
     dd.barrier()
 
     model, tok, init_info = _build(cfg, scfg, out, data["train"], info)
@@ -88,7 +90,7 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     static = static_metrics(scfg, init_info, source, vocab)
     exporter = Exporter(model, tok, out, info, lambda trainer: run_metrics(trainer, static))
     trainer = DistillTrainer(model, tc, data, store=source.get("store"), vocab_size=vocab, out_dir=out,
-                             info=info, fingerprint=fingerprint, on_best=exporter,
+                             metrics_dir=live, info=info, fingerprint=fingerprint, on_best=exporter,
                              on_checkpoint=exporter.after_checkpoint, target_masks=source["target_masks"])
     trainer.clean_stale_temp()
     if (resume or auto_resume) and latest.exists():
@@ -99,6 +101,11 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     result = trainer.train()
     if info.is_main:
         exporter.write_metrics(trainer)
+    if trainer.finished:  # the model is exported: keep what lineage and a later --auto-resume need, no more
+        trainer.checkpointer.finish()
+        if info.is_main:
+            exporter.prune(trainer)
+    if info.is_main:
         log.info("wrote %s (best eval loss %.4f at step %d)", out, result["best_eval_loss"], result["best_step"])
     dd.barrier()
     return out
@@ -130,6 +137,11 @@ def _open_data(cfg: Config, tc) -> dict:
             "data": {s: tokens[s]["input_ids"] for s in splits}, "tokenizer": attrs["tokenizer"],
             "target_masks": {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]},
             "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"]}}
+
+
+def metrics_dir(cfg: Config, student: str) -> Path:
+    """Where a student's live metrics go (metrics.py): <paths.dvclive>/<student>."""
+    return Path(cfg.paths.dvclive) / student
 
 
 def check_tokens_match_store(cfg: Config, fingerprint: str) -> None:

@@ -117,7 +117,8 @@ class Trainer:
     """Training loop over whole sequences; subclasses implement `compute_loss`.
 
     data: {"train": (N, L) int array, "validation": (M, L) int array} (numpy or zarr), the token ids.
-    out_dir: where `checkpoints/` and `history/` go. fingerprint: what made this run (checked on resume).
+    out_dir: where `checkpoints/` go. metrics_dir: where the live metrics go (metrics.py; default
+    out_dir/dvclive). fingerprint: what made this run (checked on resume).
     on_best(trainer): called on every rank when the eval loss improves (e.g. to export the model).
     on_checkpoint(trainer): called on every rank after each checkpoint is complete.
     target_masks: {split: (N, L) uint8 array} for conversations: predicting token t counts only where
@@ -128,16 +129,16 @@ class Trainer:
                  info: DistInfo | None = None, fingerprint: dict | None = None,
                  on_best: Callable[[Trainer], None] | None = None,
                  on_checkpoint: Callable[[Trainer], None] | None = None, show_progress: bool = True,
-                 target_masks: dict | None = None):
+                 target_masks: dict | None = None, metrics_dir: str | Path | None = None):
         self.model, self.cfg, self.data = model, cfg, data
         self.target_masks = target_masks or {}
         self.info = info or DistInfo(0, 1, 0, torch.device("cpu"))
         self.device = self.info.device
         self.out_dir = Path(out_dir)
         self.fingerprint = fingerprint or {}
-        self.history = History(self.out_dir / "history", self.info.is_main)
+        self.history = History(Path(metrics_dir) if metrics_dir else self.out_dir / "dvclive", self.info.is_main)
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.info, self.fingerprint,
-                                         carry={"history": self.history.folder})
+                                         carry={"dvclive": self.history.folder})
         self.on_best = on_best
         self.on_checkpoint = on_checkpoint
         self.show_progress = show_progress
@@ -349,6 +350,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.history.open(resume=self.step > 0)  # after a resume: the history the checkpoint carried, continued
         # The same steps the loop below takes, planned ahead so their reads overlap the compute.
         stream = self.open_stream(("train", self.step_indices(s), None) for s in range(self.step, end))
         try:
@@ -381,6 +383,8 @@ class Trainer:
                 stream.close()
             if bar is not None:
                 bar.close()
+        if self.finished:
+            self.history.close()
         if self.early.stopped and self.info.is_main:
             log.info("early stop at step %d: no eval improvement > %g in %d evaluations (best %.4f at step %d)",
                      self.step, cfg.early_stop_min_delta, self.early.bad_evals, self.early.best_loss,
@@ -390,15 +394,20 @@ class Trainer:
     def _eval_and_track(self) -> None:
         ev = self.evaluate()
         self.last_eval = {"step": self.step, **ev}
-        self.history.log_eval(self.last_eval)
         improved = self.early.update(ev["eval_loss"], self.step)
         if improved:
             self.best_eval = self.last_eval
+        self.history.log_eval(self.last_eval, self.best_eval)
         if self.info.is_main:
             log.info("step %d: eval loss %.4f, ppl %.2f%s", self.step, ev["eval_loss"], ev["eval_ppl"],
                      " (best)" if improved else "")
         if improved and self.on_best is not None:
             self.on_best(self)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to train: the last step was taken, or early stopping stopped the run."""
+        return self.step >= self.total_steps or self.early.stopped
 
     def summary(self) -> dict:
         return {"steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens_seen,
@@ -435,7 +444,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything `save_checkpoint` wrote; refuse a checkpoint from another config."""
-        self.load_state_dict(self.checkpointer.load(path, self.model, self.optimizer))
+        self.load_state_dict(self.checkpointer.load(path, self.model, self.optimizer, is_finished=_finished))
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
     def checkpoints(self) -> list[Path]:
@@ -446,6 +455,11 @@ class Trainer:
 
     def clean_stale_temp(self) -> None:
         self.checkpointer.clean_stale_temp()
+
+
+def _finished(state: dict) -> bool:
+    """Trainer.finished of a checkpoint's state."""
+    return state["step"] >= state["total_steps"] or state["early_stopping"]["stopped"]
 
 
 class DistillTrainer(Trainer):
