@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from distill_pipe.trainer import Trainer
 from conftest import assert_one_line_error, run_cli
 from test_train import STUDENT_INIT, base_project, run, set_params  # noqa: F401 - fixtures
 
@@ -36,9 +37,10 @@ def trained(base_project, tmp_path_factory) -> Path:
     os.chdir(root)
     try:
         set_params(root, {"kd": {"init": STUDENT_INIT}}, max_steps=4, save_steps=2)
-        run("kd")
-        ck = root / "stages" / "train" / "kd" / "checkpoints"
-        (ck / "latest").write_text("step-000002")  # a run killed after its checkpoint at step 2
+        with pytest.MonkeyPatch.context() as m:  # a run killed after its checkpoint at step 2
+            train = Trainer.train
+            m.setattr(Trainer, "train", lambda self, until_step=None: train(self, until_step=2))
+            run("kd")
     finally:
         os.chdir(cwd)
     return root

@@ -155,7 +155,6 @@ def test_exp_show_lists_a_students_step_metrics_while_it_trains(repo, tmp_path):
         data = running[0]["revs"][0]["data"]
         live = data["metrics"][metrics]["data"]
         assert live["step"] == 2 and live["train"]["tokens"] > 0 and live["train"]["loss"] > 0, live
-        assert live["eval"]["loss"] > 0 and live["best"]["step"] == 2  # eval_steps 2
         assert data["params"]["params.yaml"]["data"]["students"]["kd20"]["alpha"] == 0.6
         plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo))["data"]
         [loss] = plots["stages/dvclive/kd20/plots/metrics/train/loss.tsv"]
@@ -170,7 +169,8 @@ def test_exp_show_lists_a_students_step_metrics_while_it_trains(repo, tmp_path):
     [exp] = [e for e in baseline["experiments"] if e["revs"][0]["data"]["params"]["params.yaml"]["data"]["students"]
              ["kd20"]["alpha"] == 0.6]
     done = exp["revs"][0]["data"]["metrics"][metrics]["data"]
-    assert done["step"] == 4 and done["eval"]["loss"] != baseline["data"]["metrics"][metrics]["data"]["eval"]["loss"]
+    assert done["step"] == 4 and done["best"]["step"] in (2, 4)
+    assert done["eval"]["loss"] != baseline["data"]["metrics"][metrics]["data"]["eval"]["loss"]
 
 
 def test_changing_the_codec_replaces_the_persisted_store(repo):
