@@ -50,6 +50,9 @@ class PathsConfig:
     store (its location, lineage and completion), so `dvc status` never reads the store."""
     train: str = "stages/train"
     """Parent folder of the per-student outputs (`<train>/<student>/`)."""
+    dvclive: str = "stages/dvclive"
+    """Parent folder of each student's live training metrics (`<dvclive>/<student>/`, written by dvclive): the
+    train stage's metrics and plots in dvc.yaml, apart from <train> (DVC outputs may not overlap)."""
     evaluate: str = "stages/evaluate"
     """Output folder of `evaluate`."""
 

@@ -115,6 +115,12 @@ def unwrapped_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
 def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_forward: bool = True,
               inference: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each decoder layer, then the root.

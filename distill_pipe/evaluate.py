@@ -279,20 +279,19 @@ def report_markdown(results: dict, sequences: int, seq_len: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _eval_history(folder: Path) -> list[dict]:
-    path = folder / "history" / "eval.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def _eval_history(cfg: Config, name: str) -> list[dict]:
+    from distill_pipe.metrics import read_history
+    from distill_pipe.train import metrics_dir
+
+    return read_history(metrics_dir(cfg, name), "eval")
 
 
-def _read_eval_history(folder: Path) -> tuple[list[int], list[float], int | None]:
+def _read_eval_history(cfg: Config, name: str) -> tuple[list[int], list[float], int | None]:
     """(steps, validation CE, index of the exported model's step: metrics.json's best_step)."""
-    rows = _eval_history(folder)
+    rows = _eval_history(cfg, name)
     steps = [int(r["step"]) for r in rows]
     try:
-        best_step = json.loads((folder / "metrics.json").read_text())["best_step"]
+        best_step = json.loads((Path(cfg.paths.train) / name / "metrics.json").read_text())["best_step"]
     except (OSError, ValueError, KeyError):
         best_step = None
     # CE, not the optimised loss: alpha and T differ between students, CE is comparable across them.
@@ -306,7 +305,7 @@ def write_curves(path: Path, cfg: Config) -> None:
         w = csv.writer(f)
         w.writerow(["student", "step", "eval_ce", "eval_ppl"])
         for name in cfg.students:
-            for r in _eval_history(Path(cfg.paths.train) / name):
+            for r in _eval_history(cfg, name):
                 w.writerow([name, r["step"], r["eval_ce"], r["eval_ppl"]])
 
 
@@ -319,7 +318,7 @@ def write_chart(path: Path, results: dict, cfg: Config) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in cfg.students:
-        steps, losses, best = _read_eval_history(Path(cfg.paths.train) / name)
+        steps, losses, best = _read_eval_history(cfg, name)
         if steps:
             (line,) = ax1.plot(steps, losses, marker="o", ms=3, label=name)
             if best is not None:

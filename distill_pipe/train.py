@@ -5,17 +5,16 @@
 
 Writes `<paths.train>/<student>/`: `model/` (the best model by eval loss: save_pretrained + tokenizer; a
 symlink into checkpoints/exports, see `Exporter`), `metrics.json` (describes the step `model/` holds),
-`history/train.csv` and `history/eval.csv` (DVC plots), `checkpoints/` (resume), and whatever the student
-initialisation records (e.g. the layers kept).
+`checkpoints/` (resume; once the run is finished, only what a rerun needs to see that: checkpoint.py),
+and whatever the student initialisation records (e.g. the layers kept); and
+`<paths.dvclive>/<student>/`: its step and eval metrics, live (dvclive, see metrics.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -24,9 +23,10 @@ import torch
 
 from distill_pipe import distributed as dd
 from distill_pipe import models
+from distill_pipe.checkpoint import CheckpointError, Exporter, check_loadable, remove, set_aside_if_changed
 from distill_pipe.config import Config, StudentConfig
-from distill_pipe.trainer import (CheckpointError, DistillTrainer, Trainer, check_store_divergence,
-                                  check_store_temperature, checkpoint_step)
+from distill_pipe.metrics import run_metrics, static_metrics
+from distill_pipe.trainer import DistillTrainer, check_store_divergence, check_store_temperature
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,14 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     tc = scfg.train
     info = dd.init_distributed()
     out = Path(cfg.paths.train) / student
+    live = metrics_dir(cfg, student)
     ckpt_dir = out / "checkpoints"
     latest = ckpt_dir / "latest"
     if latest.exists() and not (resume or auto_resume):
         raise CheckpointError(f"{ckpt_dir} holds a checkpoint of an earlier run; pass --resume to continue it, "
                               f"or delete {out} to start over")
+    if (resume or auto_resume) and latest.exists():  # an unsafe checkpoint is refused before anything changes
+        check_loadable(ckpt_dir / latest.read_text().strip())
     source = _open_data(cfg, tc)
     check_store_temperature(source.get("store"), tc)  # before anything in `out` is touched
     check_store_divergence(source.get("store"), tc)
@@ -73,10 +76,10 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
                  data["train"].shape[1], out)
         out.mkdir(parents=True, exist_ok=True)
         if auto_resume and latest.exists():
-            _set_aside_if_changed(ckpt_dir, fingerprint)
+            set_aside_if_changed(ckpt_dir, fingerprint)
         if not latest.exists():  # a fresh run: outputs of an earlier, checkpoint-less run are stale
-            for stale in ("history", "model", "metrics.json", "checkpoints/exports"):
-                _remove(out / stale)
+            for stale in (live, out / "model", out / "metrics.json", out / "checkpoints" / "exports"):
+                remove(stale)
     dd.barrier()
 
     model, tok, init_info = _build(cfg, scfg, out, data["train"], info)
@@ -85,9 +88,10 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     if info.distributed:
         model = dd.fsdp_wrap(model, param_dtype=torch.bfloat16 if tc.dtype == "bfloat16" else None)
 
-    exporter = Exporter(model, tok, out, info, static_metrics(scfg, init_info, source, vocab))
+    static = static_metrics(scfg, init_info, source, vocab)
+    exporter = Exporter(model, tok, out, info, lambda trainer: run_metrics(trainer, static))
     trainer = DistillTrainer(model, tc, data, store=source.get("store"), vocab_size=vocab, out_dir=out,
-                             info=info, fingerprint=fingerprint, on_best=exporter,
+                             metrics_dir=live, info=info, fingerprint=fingerprint, on_best=exporter,
                              on_checkpoint=exporter.after_checkpoint, target_masks=source["target_masks"])
     trainer.clean_stale_temp()
     if (resume or auto_resume) and latest.exists():
@@ -98,6 +102,11 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     result = trainer.train()
     if info.is_main:
         exporter.write_metrics(trainer)
+    if trainer.finished:  # the model is exported: keep what lineage and a later --auto-resume need, no more
+        trainer.checkpointer.finish()
+        if info.is_main:
+            exporter.prune(trainer)
+    if info.is_main:
         log.info("wrote %s (best eval loss %.4f at step %d)", out, result["best_eval_loss"], result["best_step"])
     dd.barrier()
     return out
@@ -112,33 +121,6 @@ def _train_identity(tc) -> dict:
     if tc.divergence == "forward_kl":
         del out["divergence"]
     return out
-
-
-def _set_aside_if_changed(ckpt_dir: Path, fingerprint: dict) -> None:
-    """Checkpoints made with another config are renamed to checkpoints-<their config hash>, never deleted
-    (days of training) and never used; the run then starts from step 0."""
-    from distill_pipe.trainer import checkpoint_fingerprint, fingerprint_diff
-
-    pointer = ckpt_dir / "latest"
-    path = ckpt_dir / pointer.read_text().strip()
-    theirs = checkpoint_fingerprint(path) if (path / "trainer.pt").exists() else {}
-    diff = fingerprint_diff(theirs, fingerprint)
-    if not diff:
-        return
-    digest = hashlib.sha256(json.dumps(theirs, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    aside = ckpt_dir.with_name(f"{ckpt_dir.name}-{digest}")
-    if aside.exists():  # the same config was set aside before: keep the newer checkpoints
-        shutil.rmtree(aside)
-    os.replace(ckpt_dir, aside)
-    log.warning("%s holds checkpoints of another config (%s differ): kept in %s, unused; starting from step 0 "
-                "(delete it to free the space)", ckpt_dir, ", ".join(diff[:6]), aside)
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
 
 
 # ---------------------------------------------------------------- inputs
@@ -167,6 +149,11 @@ def _open_data(cfg: Config, tc) -> dict:
             "data": {s: tokens[s]["input_ids"] for s in splits}, "tokenizer": attrs["tokenizer"],
             "target_masks": {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]},
             "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"]}}
+
+
+def metrics_dir(cfg: Config, student: str) -> Path:
+    """Where a student's live metrics go (metrics.py): <paths.dvclive>/<student>."""
+    return Path(cfg.paths.dvclive) / student
 
 
 def check_tokens_match_store(cfg: Config, fingerprint: str) -> None:
@@ -253,146 +240,3 @@ def _check_vocab(model, tok, source: dict, student: str) -> int:
         log.info("vocabularies differ (student %d, teacher %d): comparing the tokenizer's %d logits",
                  v_student, v_teacher, vocab)
     return vocab
-
-
-# ---------------------------------------------------------------- outputs
-
-
-class Exporter:
-    """The best model by eval loss, published so that a kill at any instant leaves a complete one.
-
-    Each export is a complete folder `checkpoints/exports/step-N/` (save_pretrained + tokenizer +
-    metrics.json), written under a temporary name and renamed. `model` is a symlink to the current one,
-    replaced atomically (rename of a new link over the old); `metrics.json` is a symlink to
-    `model/metrics.json`. So `model/` is always a complete folder, old or new, and metrics.json always
-    describes the step `model/` holds: the one flip publishes both. `from_pretrained("<student>/model")`
-    follows the link. Exports live beside the checkpoints that refer to them (a resume re-points `model` at
-    the checkpoint's best export) and are deleted with them.
-    """
-
-    def __init__(self, model, tok, out: Path, info, static: dict):
-        self.model, self.tok, self.out, self.info, self.static = model, tok, out, info, static
-        self.exports = out / "checkpoints" / "exports"
-
-    def __call__(self, trainer: Trainer) -> None:  # on_best
-        name = f"step-{trainer.step:06d}"
-        dest = self.exports / name
-        files = {"distill_pipe.json": {"step": trainer.step, **(trainer.last_eval or {})},
-                 "metrics.json": self.metrics(trainer)}
-        if export_model(self.model, self.tok, dest, self.info, files=files):
-            self._publish(name)
-
-    def _publish(self, name: str) -> None:
-        _symlink_atomic(self.out / "model", f"checkpoints/exports/{name}")
-        _symlink_atomic(self.out / "metrics.json", "model/metrics.json")
-
-    def metrics(self, trainer: Trainer) -> dict:
-        s, best, final = trainer.summary(), trainer.best_eval or {}, trainer.last_eval or {}
-        return {
-            "best_eval_loss": best.get("eval_loss"), "best_eval_ppl": best.get("eval_ppl"),
-            "best_step": best.get("step"),
-            "final_eval_loss": final.get("eval_loss"), "final_eval_ppl": final.get("eval_ppl"),
-            "steps": s["steps"], "total_steps": s["total_steps"], "tokens": s["tokens"],
-            "tokens_per_s": s["tokens_per_s"], "train_seconds": s["train_seconds"],
-            "data_wait_seconds": s["data_wait_seconds"],
-            "early_stopped": s["early_stopped"], "world_size": trainer.info.world_size,
-            "global_batch": trainer.global_batch, **self.static}
-
-    def write_metrics(self, trainer: Trainer) -> None:
-        """Refresh the published metrics (steps, final eval): in the current export when there is one (its
-        best step stays the model's), else as a plain file (no eval has improved yet)."""
-        if not self.info.is_main:
-            return
-        text = json.dumps(self.metrics(trainer), indent=2, default=str)
-        target = self.out / "model" / "metrics.json"
-        if (self.out / "model").is_symlink() and target.exists():
-            _write_atomic(target, text)
-            _symlink_atomic(self.out / "metrics.json", "model/metrics.json")
-        else:
-            _remove(self.out / "metrics.json")
-            _write_atomic(self.out / "metrics.json", text)
-
-    def after_checkpoint(self, trainer: Trainer) -> None:
-        """Refresh metrics, then delete exports that neither `model` nor a kept checkpoint refers to."""
-        if not self.info.is_main:
-            return
-        self.write_metrics(trainer)
-        keep = {os.path.basename(os.readlink(self.out / "model"))} if (self.out / "model").is_symlink() else set()
-        for ck in trainer.checkpoints():
-            best = json.loads((ck / "meta.json").read_text()).get("best_step") if (ck / "meta.json").exists() else None
-            if best is not None:
-                keep.add(f"step-{best:06d}")
-        for p in self.exports.iterdir() if self.exports.is_dir() else []:
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-    def restore(self, trainer: Trainer) -> None:
-        """After loading a checkpoint: publish the export of ITS best step (a later export, made after the
-        checkpoint by the run that died, is removed and will be remade bit for bit)."""
-        if not self.info.is_main:
-            return
-        for p in self.exports.iterdir() if self.exports.is_dir() else []:
-            step = checkpoint_step(p.name)
-            if step is None or step > trainer.step:
-                shutil.rmtree(p, ignore_errors=True)
-        best = trainer.best_eval["step"] if trainer.best_eval else None
-        if best is not None and (self.exports / f"step-{best:06d}" / "config.json").exists():
-            self._publish(f"step-{best:06d}")
-        else:
-            _remove(self.out / "model")
-            _remove(self.out / "metrics.json")
-
-
-def static_metrics(scfg: StudentConfig, init_info: dict, source: dict, vocab: int) -> dict:
-    """The parts of metrics.json that do not change during a run."""
-    return {"vocab_compared": vocab, "data": {"kind": source["kind"], "path": source["path"], **source["identity"]},
-            "student": {"name": scfg.name, "init": scfg.init, "init_info": init_info,
-                        "train": dataclasses.asdict(scfg.train)}}
-
-
-def export_model(model, tok, dest: Path, info, files: dict | None = None) -> bool:
-    """save_pretrained + tokenizer (+ `files`: name -> JSON) into `dest`, written beside it and renamed into
-    place. Collective under FSDP (gathers weights); True on the rank that wrote."""
-    from distill_pipe.trainer import fsdp_modules
-
-    if fsdp_modules(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoModelForCausalLM
-
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not info.is_main:
-            return False
-        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-        plain.load_state_dict(state)
-    elif not info.is_main:
-        return False
-    else:
-        plain = model
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    was_training = plain.training
-    models.save_pretrained_quietly(plain, tmp)
-    plain.train(was_training)
-    tok.save_pretrained(tmp)
-    for name, content in (files or {}).items():
-        (tmp / name).write_text(json.dumps(content, indent=2, default=str))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return True
-
-
-def _symlink_atomic(link: Path, target: str) -> None:
-    """Point `link` at `target` (relative) by renaming a new link over it: never absent, never half-made."""
-    tmp = link.with_name(f".{link.name}.link-tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    if link.is_dir() and not link.is_symlink():  # a folder left by an earlier version of distill-pipe
-        shutil.rmtree(link)
-    os.replace(tmp, link)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Trainer: exact gradient accumulation, FSDP2 sync control, eval, early stopping, checkpoints.
+"""Trainer: exact gradient accumulation, FSDP2 sync control, eval, early stopping.
 
 Shapes: B sequences per micro-batch, L sequence length, N = B*L flattened positions, V vocabulary.
 
@@ -10,26 +10,15 @@ reduction across ranks SUMS (FSDP's default divide-by-world is turned off). So t
 exactly the mean over the step's tokens, however the global batch is split (DESIGN.md: trl#4719,
 transformers#37766). Evaluation uses the same normalisation: sum over all eval tokens / all eval tokens.
 
-Checkpoints (every save_steps) hold model, optimizer, scheduler, RNG states, step (which fixes the data
-position), early-stopping state and the run's config fingerprint; they are written to a temporary folder
-and renamed, and the `latest` pointer file is replaced atomically, so a kill during a save leaves the
-previous checkpoint usable. Folders are ordered by step number (never as strings); each holds a copy of
-history/ up to its step, restored on resume. torch.distributed.checkpoint (DCP) writes model and optimizer (sharded under
-FSDP).
+Checkpoints (every save_steps; checkpoint.py) hold model, optimizer, RNG states and `state_dict()`: step (which
+fixes the data position), scheduler, early-stopping state; the history (metrics.py) travels with them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +28,15 @@ import torch
 from torch import nn
 
 from distill_pipe import distributed as dd
+from distill_pipe.checkpoint import CheckpointError, Checkpointer  # noqa: F401 - CheckpointError re-exported
 from distill_pipe.config import ConfigError, TrainConfig
-from distill_pipe.distributed import DistInfo
+from distill_pipe.distributed import DistInfo, fsdp_modules
 from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, hybrid_loss,
                                 shift_for_next_token)
+from distill_pipe.metrics import History
 from distill_pipe.prefetch import HostTokens, MicroBatchPlan, MicroBatchStream, PendingBatch, host_tokens
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "step-"
-TRAIN_FIELDS = ("step", "loss", "ce", "kl", "lr", "grad_norm", "tokens", "tokens_per_s")
-EVAL_FIELDS = ("step", "eval_loss", "eval_ce", "eval_kl", "eval_ppl", "eval_tokens")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for this run; the message says what to do."""
-
 
 @dataclass
 class Batch:
@@ -131,17 +113,12 @@ def read_rows(array, indices: Sequence[int]) -> np.ndarray:
     return out
 
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
 class Trainer:
     """Training loop over whole sequences; subclasses implement `compute_loss`.
 
     data: {"train": (N, L) int array, "validation": (M, L) int array} (numpy or zarr), the token ids.
-    out_dir: where `checkpoints/` and `history/` go. fingerprint: what made this run (checked on resume).
+    out_dir: where `checkpoints/` go. metrics_dir: where the live metrics go (metrics.py; default
+    out_dir/dvclive). fingerprint: what made this run (checked on resume).
     on_best(trainer): called on every rank when the eval loss improves (e.g. to export the model).
     on_checkpoint(trainer): called on every rank after each checkpoint is complete.
     target_masks: {split: (N, L) uint8 array} for conversations: predicting token t counts only where
@@ -152,14 +129,16 @@ class Trainer:
                  info: DistInfo | None = None, fingerprint: dict | None = None,
                  on_best: Callable[[Trainer], None] | None = None,
                  on_checkpoint: Callable[[Trainer], None] | None = None, show_progress: bool = True,
-                 target_masks: dict | None = None):
+                 target_masks: dict | None = None, metrics_dir: str | Path | None = None):
         self.model, self.cfg, self.data = model, cfg, data
         self.target_masks = target_masks or {}
         self.info = info or DistInfo(0, 1, 0, torch.device("cpu"))
         self.device = self.info.device
         self.out_dir = Path(out_dir)
-        self.ckpt_dir = self.out_dir / "checkpoints"
         self.fingerprint = fingerprint or {}
+        self.history = History(Path(metrics_dir) if metrics_dir else self.out_dir / "dvclive", self.info.is_main)
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.info, self.fingerprint,
+                                         carry={"dvclive": self.history.folder})
         self.on_best = on_best
         self.on_checkpoint = on_checkpoint
         self.show_progress = show_progress
@@ -371,6 +350,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        self.history.open(resume=self.step > 0)  # after a resume: the history the checkpoint carried, continued
         # The same steps the loop below takes, planned ahead so their reads overlap the compute.
         stream = self.open_stream(("train", self.step_indices(s), None) for s in range(self.step, end))
         try:
@@ -389,7 +369,7 @@ class Trainer:
                                            - wait_before)
                 self.step += 1
                 metrics = {"step": self.step, **metrics, "tokens_per_s": metrics["tokens"] / max(seconds, 1e-9)}
-                self._append("train", TRAIN_FIELDS, metrics)
+                self.history.log_train(metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
@@ -403,6 +383,8 @@ class Trainer:
                 stream.close()
             if bar is not None:
                 bar.close()
+        if self.finished:
+            self.history.close()
         if self.early.stopped and self.info.is_main:
             log.info("early stop at step %d: no eval improvement > %g in %d evaluations (best %.4f at step %d)",
                      self.step, cfg.early_stop_min_delta, self.early.bad_evals, self.early.best_loss,
@@ -412,15 +394,20 @@ class Trainer:
     def _eval_and_track(self) -> None:
         ev = self.evaluate()
         self.last_eval = {"step": self.step, **ev}
-        self._append("eval", EVAL_FIELDS, self.last_eval)
         improved = self.early.update(ev["eval_loss"], self.step)
         if improved:
             self.best_eval = self.last_eval
+        self.history.log_eval(self.last_eval, self.best_eval)
         if self.info.is_main:
             log.info("step %d: eval loss %.4f, ppl %.2f%s", self.step, ev["eval_loss"], ev["eval_ppl"],
                      " (best)" if improved else "")
         if improved and self.on_best is not None:
             self.on_best(self)
+
+    @property
+    def finished(self) -> bool:
+        """Nothing left to train: the last step was taken, or early stopping stopped the run."""
+        return self.step >= self.total_steps or self.early.stopped
 
     def summary(self) -> dict:
         return {"steps": self.step, "total_steps": self.total_steps, "tokens": self.tokens_seen,
@@ -429,204 +416,50 @@ class Trainer:
                 "early_stopped": self.early.stopped, "best_eval_loss": self.early.best_loss,
                 "best_step": self.early.best_step, "best_eval": self.best_eval, "final_eval": self.last_eval}
 
-    # ------------------------------------------------------------------ history (DVC plots)
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py)
 
-    def _append(self, name: str, fields: Sequence[str], row: dict) -> None:
-        if not self.info.is_main:
-            return
-        path = self.out_dir / "history" / f"{name}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: _fmt(row.get(k)) for k in fields})
+    def state_dict(self) -> dict:
+        """The trainer's own state a checkpoint carries beside model, optimizer and RNG."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "data_wait_seconds": self.data_wait_seconds, "scheduler": self.scheduler.state_dict(), "early_stopping": self.early.state(),
+                "last_eval": self.last_eval, "best_eval": self.best_eval, "world_size": self.info.world_size,
+                "global_batch": self.global_batch, "total_steps": self.total_steps,
+                "data_position": {"epoch": self.step // self.steps_per_epoch,
+                                  "step_in_epoch": self.step % self.steps_per_epoch}}
 
-    def _truncate_history(self, step: int) -> None:
-        """Drop history rows after `step` (written by a run that died after its last checkpoint)."""
-        for name in ("train", "eval"):
-            path = self.out_dir / "history" / f"{name}.csv"
-            if not path.exists():
-                continue
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-                fields = rows[0].keys() if rows else None
-            if fields is None:
-                continue
-            with open(path.with_suffix(".tmp"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(fields))
-                w.writeheader()
-                w.writerows(r for r in rows if int(r["step"]) <= step)
-            os.replace(path.with_suffix(".tmp"), path)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest first, ordered by step NUMBER (step-1000000 after step-999999)."""
-        if not self.ckpt_dir.is_dir():
-            return []
-        found = [(checkpoint_step(p.name), p) for p in self.ckpt_dir.iterdir() if p.is_dir()]
-        return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
-
-    def latest_checkpoint(self) -> Path | None:
-        pointer = self.ckpt_dir / "latest"
-        if not pointer.exists():
-            return None
-        path = self.ckpt_dir / pointer.read_text().strip()
-        if not (path / "trainer.pt").exists():
-            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; delete "
-                                  f"{self.ckpt_dir} to start over")
-        return path
-
-    def _state_dicts(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-NNNNNN atomically, point `latest` at it, keep the last keep_last."""
-        import torch.distributed.checkpoint as dcp
-
-        name = f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".tmp-{name}"
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dd.barrier()
-        with _single_process_dcp_quiet():
-            dcp.save(self._state_dicts(), checkpoint_id=str(tmp))
-        torch.save(_rng_state(), tmp / f"rng-rank{self.info.rank}.pt")
-        dd.barrier()
-        if self.info.is_main:
-            # The history up to this step travels with the checkpoint: a resume restores it exactly.
-            if (self.out_dir / "history").is_dir():
-                shutil.copytree(self.out_dir / "history", tmp / "history")
-            best_step = self.best_eval["step"] if self.best_eval else None
-            (tmp / "meta.json").write_text(json.dumps({"step": self.step, "best_step": best_step}))
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                     "scheduler": self.scheduler.state_dict(), "early_stopping": self.early.state(),
-                     "last_eval": self.last_eval, "best_eval": self.best_eval, "world_size": self.info.world_size,
-                     "global_batch": self.global_batch, "total_steps": self.total_steps,
-                     "data_position": {"epoch": self.step // self.steps_per_epoch,
-                                       "step_in_epoch": self.step % self.steps_per_epoch},
-                     "fingerprint": self.fingerprint}
-            torch.save(state, tmp / "trainer.pt")  # written last: its presence marks a complete folder
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.ckpt_dir / "latest", name)
-            for old in self.checkpoints()[:-self.cfg.keep_last]:
-                if old != final:  # never the one `latest` names
-                    shutil.rmtree(old, ignore_errors=True)
-        dd.barrier()
-        if self.on_checkpoint is not None:
-            self.on_checkpoint(self)
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore everything `save_checkpoint` wrote; refuse a checkpoint from another config."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = torch.load(path / "trainer.pt", weights_only=False)
-        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
-        if diff:
-            what = ("; it trained on another store or tokens.zarr" if any(k.startswith("data.") for k in diff)
-                    else "")
-            raise CheckpointError(f"checkpoint {path} was made with a different config ({', '.join(diff)} "
-                                  f"differ{what}); restore the old params and data to resume, or pass "
-                                  "--auto-resume instead of --resume to keep it aside and start from step 0")
-        sds = self._state_dicts()
-        with _single_process_dcp_quiet():
-            dcp.load(sds, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optimizer"])
+    def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
         self.early.load(state["early_stopping"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.train_seconds, self.last_eval = state["train_seconds"], state["last_eval"]
-        self.best_eval = state["best_eval"]
-        rng_file = path / f"rng-rank{self.info.rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        if self.info.is_main:
-            if (path / "history").is_dir():  # the history as it was at the checkpoint
-                shutil.rmtree(self.out_dir / "history", ignore_errors=True)
-                shutil.copytree(path / "history", self.out_dir / "history")
-            else:  # a checkpoint of an earlier version: drop rows written after it
-                self._truncate_history(self.step)
-        dd.barrier()
+        self.train_seconds, self.data_wait_seconds = state["train_seconds"], state["data_wait_seconds"]
+        self.last_eval, self.best_eval = state["last_eval"], state["best_eval"]
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self.state_dict(),
+                                      best_step=self.best_eval["step"] if self.best_eval else None,
+                                      keep_last=self.cfg.keep_last)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything `save_checkpoint` wrote; refuse a checkpoint from another config."""
+        self.load_state_dict(self.checkpointer.load(path, self.model, self.optimizer, is_finished=_finished))
         log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
 
+    def checkpoints(self) -> list[Path]:
+        return self.checkpointer.checkpoints()
+
+    def latest_checkpoint(self) -> Path | None:
+        return self.checkpointer.latest()
+
     def clean_stale_temp(self) -> None:
-        """Remove temp folders of saves that were interrupted (they were never pointed at)."""
-        if self.info.is_main and self.ckpt_dir.exists():
-            for p in self.ckpt_dir.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True)
-        dd.barrier()
+        self.checkpointer.clean_stale_temp()
 
 
-@contextlib.contextmanager
-def _single_process_dcp_quiet():
-    """DCP warns on every save/load without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
-def checkpoint_step(name: str) -> int | None:
-    """'step-000012' -> 12; None for anything else (temp folders, `latest`, exports)."""
-    if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
-        return int(name[len(CHECKPOINT_PREFIX):])
-    return None
-
-
-def checkpoint_fingerprint(path: Path) -> dict:
-    """The config fingerprint a checkpoint was made with."""
-    return torch.load(path / "trainer.pt", weights_only=False).get("fingerprint", {})
-
-
-def fingerprint_diff(theirs: dict, ours: dict) -> list[str]:
-    """Flattened keys whose values differ between two run fingerprints."""
-    theirs, ours = _flatten(theirs), _flatten(ours)
-    return sorted(k for k in set(theirs) | set(ours) if theirs.get(k, "<unset>") != ours.get(k, "<unset>"))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"alpha": 1}} -> {"train.alpha": 1}, so a mismatch names the exact key."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _fmt(v):
-    return f"{v:.8g}" if isinstance(v, float) else v
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _finished(state: dict) -> bool:
+    """Trainer.finished of a checkpoint's state."""
+    return state["step"] >= state["total_steps"] or state["early_stopping"]["stopped"]
 
 
 class DistillTrainer(Trainer):

@@ -315,12 +315,12 @@ def test_ce_with_target_masks_equals_reference_and_accumulation_is_exact(tmp_pat
     assert_same_weights(w_4x2, w_1x8)
     assert_same_weights(w_1x8, reference_ce_training(data, cfg(), 8, targets_fn))
     # every token count is of targets only
-    from test_trainer import read_csv
+    from distill_pipe.metrics import read_history
 
-    first = read_csv(tmp_path / "b" / "history" / "train.csv")[0]
+    first = read_history(tmp_path / "b" / "dvclive", "train")[0]
     idx = t.step_indices(0)
     assert int(first["tokens"]) == int(masks["train"][idx][:, 1:].sum())
-    last_eval = read_csv(tmp_path / "b" / "history" / "eval.csv")[-1]
+    last_eval = read_history(tmp_path / "b" / "dvclive", "eval")[-1]
     assert int(last_eval["eval_tokens"]) == int(masks["validation"][:, 1:].sum())
 
 
@@ -364,7 +364,8 @@ def _kd_trainer_kw(store_path: str) -> dict:
 
 
 def test_two_ranks_equal_one_process_with_uneven_masks(tmp_path):
-    from test_trainer import assert_same_weights, cfg, read_csv, run_ranks, train
+    from distill_pipe.metrics import read_history
+    from test_trainer import assert_same_weights, cfg, run_ranks, train
 
     from distill_pipe.trainer import DistillTrainer
 
@@ -376,7 +377,7 @@ def test_two_ranks_equal_one_process_with_uneven_masks(tmp_path):
     _, w1 = train(tmp_path / "r1", data, c, trainer_cls=DistillTrainer, store=store, vocab_size=V,
                   target_masks={s: store.target_mask(s) for s in data})
     assert_same_weights(w2, w1, atol=KD_ATOL)
-    e1, e2 = read_csv(tmp_path / "r1" / "history" / "eval.csv"), read_csv(tmp_path / "r2" / "history" / "eval.csv")
+    e1, e2 = read_history(tmp_path / "r1" / "dvclive", "eval"), read_history(tmp_path / "r2" / "dvclive", "eval")
     assert [r["eval_tokens"] for r in e1] == [r["eval_tokens"] for r in e2]
     assert int(e1[0]["eval_tokens"]) == int(masks["validation"][:, 1:].sum())
     for a, b in zip(e1, e2):
@@ -580,11 +581,10 @@ def test_chat_corpus_through_every_stage(tmp_path, monkeypatch, tiny_teacher):
     targets = int(mask[:, 1:].sum())
     metrics = json.loads((tmp_path / "stages" / "evaluate" / "metrics.json").read_text())
     assert metrics["teacher"]["tokens"] == metrics["kd"]["tokens"] == metrics["ce"]["tokens"] == targets
-    for student in ("kd", "ce"):
-        with open(f"stages/train/{student}/history/eval.csv") as f:
-            import csv
+    from distill_pipe.metrics import read_history
 
-            assert all(int(r["eval_tokens"]) == targets for r in csv.DictReader(f))
+    for student in ("kd", "ce"):
+        assert all(int(r["eval_tokens"]) == targets for r in read_history(f"stages/dvclive/{student}", "eval"))
 
 
 def test_tokens_store_from_a_newer_release_is_refused(tmp_path):

@@ -5,10 +5,14 @@ kept across a changed config (set aside, never used) and resumed when the config
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
+from distill_pipe.metrics import read_history
+from distill_pipe.trainer import Trainer
 from test_trainer import MaskedTrainer, cfg, tiny_data, tiny_model
 from test_train import STUDENT_INIT, base_project, proj, run, set_params  # noqa: F401 - fixtures
 
@@ -52,8 +56,13 @@ def test_auto_resume_sets_a_changed_config_aside_and_resumes_a_matching_one(proj
     full = run("kd")
     weights = (full / "model" / "model.safetensors").read_bytes()
     ck = proj / "stages" / "train" / "kd" / "checkpoints"
-    # a crashed run: the checkpoint at step 2 is the latest
-    (ck / "latest").write_text("step-000002")
+    # a crashed run: it died after its checkpoint at step 2 (a finished run keeps only its last checkpoint)
+    shutil.rmtree(full)
+    with pytest.MonkeyPatch.context() as m:
+        train = Trainer.train
+        m.setattr(Trainer, "train", lambda self, until_step=None: train(self, until_step=2))
+        run("kd")
+    assert (ck / "latest").read_text() == "step-000002"
     run("kd", auto_resume=True)
     assert (full / "model" / "model.safetensors").read_bytes() == weights  # resumed, bit-equal
     # a changed config: the old checkpoints are kept aside, unused; the run starts from step 0
@@ -63,8 +72,8 @@ def test_auto_resume_sets_a_changed_config_aside_and_resumes_a_matching_one(proj
     assert len(aside) == 1 and (aside[0] / "step-000004" / "trainer.pt").exists()
     m = json.loads((full / "metrics.json").read_text())
     assert m["student"]["train"]["temperature"] == 3.0 and m["steps"] == 4
-    rows = (full / "history" / "train.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]  # not the old run's history
+    steps = [r["step"] for r in read_history(proj / "stages" / "dvclive" / "kd", "train")]
+    assert steps == ["1", "2", "3", "4"]  # not the old run's history
 
 
 def test_dvc_yaml_keeps_student_checkpoints_and_auto_resumes():
@@ -72,3 +81,18 @@ def test_dvc_yaml_keeps_student_checkpoints_and_auto_resumes():
     assert "--auto-resume" in stage["cmd"]
     (out,) = stage["outs"]
     assert next(iter(out.values()))["persist"] is True
+
+
+def test_resume_keeps_the_time_spent_waiting_for_data(tmp_path):
+    """metrics.json's data_wait_seconds goes on from the checkpoint after a resume, as train_seconds does (it
+    restarted at 0, so the wait share was wrong after a resume)."""
+    c = cfg(batch_size=2, gradient_accumulation_steps=1, max_steps=6, save_steps=3)
+    first = MaskedTrainer(tiny_model(0), c, tiny_data(12), out_dir=tmp_path, show_progress=False)
+    first.train(until_step=3)  # stops right after its checkpoint at step 3
+    assert first.data_wait_seconds > 0
+    second = MaskedTrainer(tiny_model(1), c, tiny_data(12), out_dir=tmp_path, show_progress=False)
+    second.load_checkpoint(second.latest_checkpoint())
+    assert second.data_wait_seconds == first.data_wait_seconds
+    assert second.train_seconds == first.train_seconds
+    second.train()
+    assert second.summary()["data_wait_seconds"] > first.data_wait_seconds

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,73 @@ def test_metrics_plots_and_experiments(repo):
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "ran", cwd=repo)
     out = sh("dvc", "exp", "run", "-S", "students.kd20.alpha=0.8", cwd=repo)
     assert "train@kd20" in out and "teacher_logits" not in ran(out), out
+
+
+# Imported by every Python process of the test's `dvc exp run` (through PYTHONPATH): once a student's step 2 is
+# logged, its training waits until the test has looked at `dvc exp show`, so the look lands mid-run for sure.
+HOLD_AFTER_STEP_2 = """
+import os
+if os.environ.get("HOLD_DIR"):
+    import time
+    from pathlib import Path
+    from distill_pipe import metrics
+    log_train = metrics.History.log_train
+    def held(self, row):
+        log_train(self, row)
+        hold = Path(os.environ["HOLD_DIR"])
+        if row["step"] == 2 and self.is_main:
+            (hold / f"{self.folder.name}.waiting").touch()
+            deadline = time.time() + 600
+            while not (hold / "release").exists() and time.time() < deadline:
+                time.sleep(0.05)
+    metrics.History.log_train = held
+"""
+
+
+def test_exp_show_lists_a_students_step_metrics_while_it_trains(repo, tmp_path):
+    """dvclive's files are the train stage's metrics and plots: during a `dvc exp run`, `dvc exp show` lists the
+    running experiment with the student's step metrics, and `dvc plots show` its curves so far; after the run,
+    the experiment's row keeps them beside the baseline's, so a sweep compares in one table."""
+    sh("dvc", "repro", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", "--allow-empty", cwd=repo)
+    hooks, hold = tmp_path / "hooks", tmp_path / "hold"
+    hooks.mkdir()
+    hold.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOLD_AFTER_STEP_2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", "HOLD_DIR": str(hold),
+           "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(["dvc", "exp", "run", "-S", "students.kd20.alpha=0.6"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = "stages/dvclive/kd20/metrics.json"
+    try:
+        deadline = time.time() + 600
+        while not (hold / "kd20.waiting").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.1)
+        shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
+        running = [e for row in shown for e in row.get("experiments") or []
+                   if (e.get("executor") or {}).get("state") == "running"]
+        assert len(running) == 1, shown
+        data = running[0]["revs"][0]["data"]
+        live = data["metrics"][metrics]["data"]
+        assert live["step"] == 2 and live["train"]["tokens"] > 0 and live["train"]["loss"] > 0, live
+        assert data["params"]["params.yaml"]["data"]["students"]["kd20"]["alpha"] == 0.6
+        plots = json.loads(sh("dvc", "plots", "show", "--json", cwd=repo))["data"]
+        [loss] = plots["stages/dvclive/kd20/plots/metrics/train/loss.tsv"]
+        assert [int(r["step"]) for r in loss["content"]["data"]["values"]] == [1, 2]
+        assert proc.poll() is None, "the run ended before the test looked"
+    finally:
+        (hold / "release").touch()
+        out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-4000:]
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo))
+    baseline = next(row for row in shown if row["rev"] != "workspace")
+    [exp] = [e for e in baseline["experiments"] if e["revs"][0]["data"]["params"]["params.yaml"]["data"]["students"]
+             ["kd20"]["alpha"] == 0.6]
+    done = exp["revs"][0]["data"]["metrics"][metrics]["data"]
+    assert done["step"] == 4 and done["best"]["step"] in (2, 4)
+    assert done["eval"]["loss"] != baseline["data"]["metrics"][metrics]["data"]["eval"]["loss"]
 
 
 def test_changing_the_codec_replaces_the_persisted_store(repo):

@@ -252,18 +252,14 @@ def student_snapshot(out: Path) -> dict:
 
     from safetensors.numpy import load_file
 
-    hist = {n: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv_rows(out / "history" / f"{n}.csv")]
+    from distill_pipe.metrics import read_history
+
+    live = out.parent.parent / "dvclive" / out.name  # paths.dvclive beside paths.train
+    hist = {n: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_history(live, n)]
             for n in ("train", "eval")}
     m = json.loads((out / "metrics.json").read_text())
     return {"history": hist, "weights": load_file(out / "model" / "model.safetensors"),
             "metrics": {k: m[k] for k in ("best_eval_loss", "best_step", "final_eval_loss", "steps", "tokens")}}
-
-
-def csv_rows(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_same_student(a: dict, b: dict) -> None:
@@ -311,9 +307,9 @@ def test_sigkills_in_train_then_resume_give_the_uninterrupted_student(store_proj
 
 KILL_POINTS = [
     ("distill_pipe.models.save_pretrained_quietly", 2),  # inside an export: its folder half-written
-    ("distill_pipe.train._symlink_atomic", 3),  # an export complete, not yet published
+    ("distill_pipe.checkpoint._symlink_atomic", 3),  # an export complete, not yet published
     ("torch.save", 5),  # inside a checkpoint save: DCP files written, trainer.pt not
-    ("distill_pipe.trainer._write_atomic", 2),  # a checkpoint renamed into place, `latest` not yet moved
+    ("distill_pipe.checkpoint._write_atomic", 3),  # a checkpoint renamed into place, `latest` not yet moved
 ]
 
 

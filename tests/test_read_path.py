@@ -16,6 +16,7 @@ from distill_pipe.store import StoreCorruptError, create_store, make_codec, open
 from distill_pipe.store.codecs import CODECS, DenseU8Codec
 from distill_pipe.store.codecs.base import PayloadSpec, zstd_crc
 from distill_pipe.store.writer import write_shard
+from distill_pipe.metrics import read_history
 from distill_pipe.trainer import DistillTrainer
 from tests.test_store import D, V, build, make_data, ref_logits
 from tests.test_trainer import cfg, tiny_model
@@ -189,12 +190,12 @@ def test_prefetch_changes_no_result(tmp_path, codec):
         c = cfg(alpha=0.5, temperature=1.0, prefetch=depth, max_steps=4, eval_steps=2, gradient_accumulation_steps=2)
         tr = DistillTrainer(model, c, data, store=store, out_dir=tmp_path / f"p{depth}", show_progress=False)
         tr.train()
-        history = [(tmp_path / f"p{depth}" / "history" / f"{n}.csv").read_text().splitlines() for n in ("train", "eval")]
+        history = [read_history(tmp_path / f"p{depth}" / "dvclive", n) for n in ("train", "eval")]
         runs[depth] = (history, {k: v.clone() for k, v in model.state_dict().items()}, tr.data_wait_seconds)
         assert tr.data_wait_seconds <= tr.train_seconds  # the wait is a share of the step time (was 207% on a GPU)
-    strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # noqa: E731 - drop tokens_per_s
-    assert strip(runs[0][0][0]) == strip(runs[3][0][0]) and len(runs[0][0][0]) == 5
-    assert runs[0][0][1] == runs[3][0][1] and len(runs[0][0][1]) == 3
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(runs[0][0][0]) == strip(runs[3][0][0]) and len(runs[0][0][0]) == 4
+    assert runs[0][0][1] == runs[3][0][1] and len(runs[0][0][1]) == 2
     for k, v in runs[0][1].items():
         assert torch.equal(v, runs[3][1][k]), k
     assert runs[0][2] > 0 and runs[3][2] >= 0

@@ -3,7 +3,6 @@ SIGKILL, 2 torchrun ranks vs 1, and bad input (tokenizer, incomplete store, empt
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -56,9 +55,14 @@ def run(student: str, resume: bool = False, overrides: tuple[str, ...] = (), **k
     return run_train(load_config(None, list(overrides)), student, resume=resume, **kw)
 
 
-def rows(path: Path, drop=("tokens_per_s",)) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+LIVE = Path("stages/dvclive")  # paths.dvclive: each student's live metrics (dvclive) in LIVE/<student>
+
+
+def rows(live: Path, kind: str, drop=("tokens_per_s",)) -> list[dict]:
+    """A student's history rows (kind: train or eval), from its dvclive folder."""
+    from distill_pipe.metrics import read_history
+
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_history(live, kind)]
 
 
 def weights(folder: Path) -> dict:
@@ -79,12 +83,13 @@ def test_kd_student_outputs_load_and_generate(proj):
     assert m["best_eval_loss"] <= m["final_eval_loss"] and m["best_eval_ppl"] > 1
     assert m["student"]["init"] == STUDENT_INIT and m["student"]["train"]["alpha"] == 0.5
     assert m["data"]["kind"] == "teacher-logit store" and m["vocab_compared"] == 300
-    train_rows, eval_rows = rows(out / "history" / "train.csv"), rows(out / "history" / "eval.csv")
+    train_rows, eval_rows = rows(LIVE / "kd", "train"), rows(LIVE / "kd", "eval")
     assert [r["step"] for r in train_rows] == ["1", "2", "3", "4"] and [r["step"] for r in eval_rows] == ["2", "4"]
     assert all(float(r["kl"]) > 0 for r in train_rows)
     best = min(eval_rows, key=lambda r: float(r["eval_loss"]))
     assert m["best_step"] == int(best["step"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["exports", "latest", "step-000002", "step-000004"]
+    # finished: the last checkpoint only, without model and optimizer state (test_finished_run.py)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["exports", "latest", "step-000004"]
     assert (out / "model").is_symlink() and (out / "metrics.json").is_symlink()
     assert json.loads((out / "init.json").read_text())["kind"] == "config"
 
@@ -126,8 +131,9 @@ def test_store_on_an_fsspec_url(proj):
     code, out = run_cli("inspect", url, "--verify")
     assert code == 0 and "verify      ok" in out, out
     local = run("kd")
-    from_url = run("kd", overrides=(f"paths.logits={url}", "paths.train=stages/train_url"))
-    assert rows(from_url / "history" / "eval.csv") == rows(local / "history" / "eval.csv")
+    from_url = run("kd", overrides=(f"paths.logits={url}", "paths.train=stages/train_url",
+                                    "paths.dvclive=stages/dvclive_url"))
+    assert rows(Path("stages/dvclive_url/kd"), "eval") == rows(LIVE / "kd", "eval")
     assert all(torch.equal(v, weights(local / "model")[k]) for k, v in weights(from_url / "model").items())
 
 
@@ -137,7 +143,7 @@ def test_ce_student_trains_from_tokens_without_a_store(proj):
     out = run("ce")
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"]["kind"].startswith("tokens") and m["steps"] == 4
-    assert all(float(r["kl"]) == 0 and r["loss"] == r["ce"] for r in rows(out / "history" / "train.csv"))
+    assert all(float(r["kl"]) == 0 and r["loss"] == r["ce"] for r in rows(LIVE / "ce", "train"))
 
 
 def test_padded_student_vocab_is_sliced_to_the_tokenizer(proj, tiny_teacher, tmp_path):
@@ -190,8 +196,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(proj):
     assert killed_at < "step-000010", "the run finished before the kill"
     run("b", resume=True)
     a, b = proj / "stages" / "train" / "a", proj / "stages" / "train" / "b"
-    assert rows(a / "history" / "train.csv") == rows(b / "history" / "train.csv")
-    assert rows(a / "history" / "eval.csv") == rows(b / "history" / "eval.csv")
+    assert rows(LIVE / "a", "train") == rows(LIVE / "b", "train")
+    assert rows(LIVE / "a", "eval") == rows(LIVE / "b", "eval")
     wa, wb = weights(a / "model"), weights(b / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
@@ -254,12 +260,11 @@ def test_two_torchrun_ranks_with_fsdp_equal_one_process(proj):
     w1, w2 = weights(one / "model"), weights(two / "model")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=2e-6)
-    e1, e2 = rows(one / "history" / "eval.csv"), rows(two / "history" / "eval.csv")
+    e1, e2 = rows(LIVE / "one", "eval"), rows(LIVE / "two", "eval")
     assert [r["eval_tokens"] for r in e1] == [r["eval_tokens"] for r in e2]
     for a, b in zip(e1, e2, strict=True):
         assert float(a["eval_loss"]) == pytest.approx(float(b["eval_loss"]), rel=1e-5)
-    assert (two / "checkpoints" / "step-000002" / "trainer.pt").exists()
-    assert len(list((two / "checkpoints" / "step-000002").glob("*.distcp"))) == 2  # one shard file per rank
+    assert (two / "checkpoints" / "step-000003" / "trainer.pt").exists()
 
 
 def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(proj):
@@ -290,14 +295,15 @@ def test_fsdp_sigkill_then_resume_reproduces_the_uninterrupted_run(proj):
         proc.communicate()
     killed_at = latest.read_text()
     assert killed_at < "step-000008", "the run finished before the kill"
+    assert len(list(latest.parent.joinpath(killed_at).glob("*.distcp"))) == 2  # one shard file per rank
     proc = torchrun(proj, "b", "--resume")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     resumed_at = int(killed_at.split("-")[1])
     assert f"| {resumed_at}/8 [" in err, err[-3000:]  # the bar starts at the checkpoint: resumed, not restarted
     a, b = proj / "stages" / "train" / "a", proj / "stages" / "train" / "b"
-    assert rows(a / "history" / "train.csv") == rows(b / "history" / "train.csv")
-    assert rows(a / "history" / "eval.csv") == rows(b / "history" / "eval.csv")
+    assert rows(LIVE / "a", "train") == rows(LIVE / "b", "train")
+    assert rows(LIVE / "a", "eval") == rows(LIVE / "b", "eval")
     wa, wb = weights(a / "model"), weights(b / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from distill_pipe.config import TrainConfig
 from distill_pipe.losses import IGNORE_INDEX, shift_for_next_token
+from distill_pipe.metrics import read_history
 from distill_pipe.store.codecs import DenseBF16Codec
 from distill_pipe.trainer import CheckpointError, DistillTrainer
 
@@ -78,13 +79,6 @@ def train(tmp: Path, data: dict, c: TrainConfig, trainer_cls=MaskedTrainer, seed
     t = trainer_cls(model, c, data, out_dir=tmp, show_progress=False, **kw)
     t.train()
     return t, params_of(model)
-
-
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------- exactness
@@ -154,7 +148,7 @@ def test_alpha_one_equals_plain_ce_training(tmp_path):
     ref = reference_ce_training(data, c, 4, lambda ids, idx: shift_for_next_token(ids))
     assert_same_weights(w, ref)
     assert t.store is None and t.step == 6  # 16 sequences / 4 = 4 steps per epoch, 1.5 epochs
-    rows = read_csv(tmp_path / "history" / "train.csv")
+    rows = read_history(tmp_path / "dvclive", "train")
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
     assert all(int(r["tokens"]) == 4 * (L - 1) for r in rows)
     assert float(rows[0]["kl"]) == 0 and float(rows[0]["loss"]) == pytest.approx(float(rows[0]["ce"]))
@@ -207,8 +201,8 @@ def test_two_fsdp_ranks_equal_one_process(tmp_path):
     _, w1 = train(tmp_path / "r1", data, cfg(batch_size=4, gradient_accumulation_steps=2, save_steps=4, eval_steps=2))
     assert_same_weights(w2, w1)
     # eval uses the same normalisation across ranks: identical eval curves
-    e1 = read_csv(tmp_path / "r1" / "history" / "eval.csv")
-    e2 = read_csv(tmp_path / "r2" / "history" / "eval.csv")
+    e1 = read_history(tmp_path / "r1" / "dvclive", "eval")
+    e2 = read_history(tmp_path / "r2" / "dvclive", "eval")
     assert [r["step"] for r in e1] == [r["step"] for r in e2] == ["2", "4", "6"]
     for a, b in zip(e1, e2):
         assert float(a["eval_loss"]) == pytest.approx(float(b["eval_loss"]), rel=1e-5)
@@ -243,8 +237,8 @@ def test_in_process_stop_and_resume_reproduces_the_run(tmp_path):
 
 
 def history(out: Path, name: str) -> list[dict]:
-    """history/<name>.csv without the timing column."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_csv(out / "history" / f"{name}.csv")]
+    """The run's history rows (dvclive) without the timing column."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_history(out / "dvclive", name)]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
