@@ -218,16 +218,41 @@ def _load_model(src, dtype: torch.dtype, dist):
     the meta device with each rank reading only its own rows of the safetensors (in `dtype`), so the whole
     model never exists on one host. The embedding and the output head are held whole on every rank
     (`fsdp_wrap(inference=True)`: cheaper than gathering them for every forward). A checkpoint that cannot be
-    read by rows (GGUF, .bin) is loaded whole on each rank, in `dtype`, and then sharded."""
-    if not dist.distributed:
-        return models.load_causal_lm(src, dtype=dtype, device=dist.device)
-    # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
-    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, inference=True)  # noqa: E731
-    model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
-    if model is None:
-        log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
-        model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
+    read by rows (GGUF, .bin) is loaded whole on each rank, in `dtype`, and then sharded.
+
+    A failure on any rank fails every rank together with one TeacherError (one line from the CLI, not a traceback
+    per rank), after the ranks that loaded have reached the same point: none is left waiting in a collective."""
+    failure, model = None, None
+    try:
+        if not dist.distributed:
+            model = models.load_causal_lm(src, dtype=dtype, device=dist.device)
+        else:
+            # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
+            wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, inference=True)  # noqa: E731
+            model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
+            if model is None:
+                log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
+                model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
+    except Exception as e:  # noqa: BLE001 - any failure to read the teacher is the user's to act on
+        failure = e
+    error = None if failure is None else _load_error(src, failure)
+    if dist.distributed and error is not None:
+        error = f"rank {dist.rank}: {error}"
+    errors = [e for e in distributed.all_gather_object(error) if e]  # [error] in one process
+    if errors:
+        raise TeacherError(errors[0]) from failure  # DISTILL_PIPE_DEBUG=1 shows this rank's traceback
     return model
+
+
+def _load_error(src, e: Exception) -> str:
+    """One line for a teacher that failed to load: our own errors name their fix; anything else (a KeyError, a
+    safetensors header error) means the files are not what their config says."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+    if isinstance(e, (ValueError, OSError)):
+        return text
+    return (f"cannot load the teacher {src.spec} ({type(e).__name__}: {text}): its files are damaged, incomplete "
+            "or not what its config.json describes; download or save it again (DISTILL_PIPE_DEBUG=1 shows the "
+            "traceback)")
 
 
 def _reshard(model) -> None:

@@ -130,25 +130,6 @@ def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatc
 KILLS = 10
 
 
-@pytest.fixture(scope="module")
-def zygote():
-    from faultkit import Zygote
-
-    z = Zygote()
-    yield z
-    z.close()
-
-
-@pytest.fixture(scope="module")
-def kill_project(tmp_path_factory, tiny_teacher, zygote) -> Path:
-    """A project with tokens.zarr; stores and students are made by each test."""
-    root = write_project(tmp_path_factory.mktemp("kills"), tiny_teacher, doc_chars=700, seq_len=16,
-                         teacher_logits={"codec": "factored", "shard_size": 4, "batch_size": 4})
-    codes, out = zygote.run(root, "prepare")
-    assert codes == [0], out
-    return root
-
-
 def tokens_snapshot(path: Path) -> tuple[dict, dict]:
     root = zarr.open_group(str(path), mode="r")
     return ({f"{s}/{n}": a[...] for s in ("train", "validation") for n, a in root[s].arrays()}, dict(root.attrs))
