@@ -31,7 +31,7 @@ from distill_pipe.data import DataError, open_tokens
 from distill_pipe.store.manifest import write_manifest
 from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
-from distill_pipe.store.format import StoreCorruptError
+from distill_pipe.store.format import REPAIR_HINT, StoreCorruptError
 from distill_pipe.store.writer import clear_shard, rewrite_input_ids
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,13 @@ def _verify_share(store, dist) -> list[tuple[str, int, str]]:
 def _repair(store, tokens, dist) -> None:
     """Verify this rank's share of the finished shards (checksums, payload values, input_ids against
     tokens.zarr, a decoded sample); for each that fails, delete its payload objects and clear its completion
-    flag, so the run below recomputes exactly those. Each rank touches only its own shards' objects."""
-    pairs = [(s, k) for s in store.splits for k in sorted(store.completed_shards(s))]
+    flag, so the run below recomputes exactly those. Shards not flagged done are recomputed by that run whatever
+    their objects hold (write_shard deletes them before writing): only their input_ids, which the run reads, are
+    checked here. Each rank touches only its own shards' objects."""
+    pairs = [(s, k) for s in store.splits for k in range(store.num_shards(s))]
     mine = pairs[dist.rank :: dist.world_size]
-    failures = {(s, k): why for s, k, why in store.verify(shards=mine)}
+    done = {s: store.completed_shards(s) for s in store.splits}
+    failures = {(s, k): why for s, k, why in store.verify(shards=[(s, k) for s, k in mine if k in done[s]])}
     for s, k in mine:
         start, stop = store.shard_range(s, k)
         want = np.asarray(tokens[s]["input_ids"][start:stop])
@@ -160,15 +163,29 @@ def _repair(store, tokens, dist) -> None:
             same = False
         if not same:
             rewrite_input_ids(store, s, k, want)
-            failures.setdefault((s, k), "input_ids differ from tokens.zarr")
+            if k in done[s]:
+                failures.setdefault((s, k), "input_ids differ from tokens.zarr")
+            else:
+                log.warning("repair: %s shard %d (not finished) had input_ids that differ from tokens.zarr: "
+                            "rewritten", s, k)
     for (s, k), why in sorted(failures.items()):
         log.warning("repair: %s shard %d fails (%s): recomputing it", s, k, why)
         clear_shard(store, s, k)
     n = int(distributed.all_reduce(len(failures), op="sum")) if dist.distributed else len(failures)
     distributed.barrier()
     if dist.is_main:
-        log.info("repair: %d of %d finished shards failed verification", n, sum(
-            len(store.completed_shards(s)) for s in store.splits) + n)
+        log.info("repair: %d of %d finished shards failed verification", n, sum(len(d) for d in done.values()))
+
+
+def _stored_ids(store, split: str, start: int, stop: int) -> np.ndarray:
+    """input_ids rows [start, stop) of the store; unreadable ones are a one-line error naming the repair."""
+    try:
+        return np.asarray(store.input_ids(split)[start:stop])
+    except OSError:  # the storage, not the data (a lost mount): already one line
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to decompress or decode the chunk
+        raise StoreCorruptError(f"{store.location}: {split} input_ids rows {start}-{stop - 1} are unreadable "
+                                f"({type(e).__name__}: {e}); {REPAIR_HINT}") from e
 
 
 def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
@@ -399,7 +416,7 @@ def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, se
     split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
     failed = None
     try:
-        ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+        ids = torch.as_tensor(_stored_ids(store, split, start, stop), dtype=torch.long, device=dist.device)
     except Exception as e:  # noqa: BLE001 - raised after the forward below
         if not dist.distributed:
             raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def corrupt_end(path: Path) -> None:
+    """Flip bytes at the end of the object, where a zarr shard keeps its index (offset, size of each chunk)."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 12, len(data) - 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("codec, payload, fault", [("factored", "hidden", "corrupt"), ("factored", "hidden", "truncated"),
                                                    ("factored", "hidden", "missing"),
                                                    ("dense-u8", "logprobs_u8", "truncated")])
@@ -114,6 +123,65 @@ def test_repair_fixes_wrong_values_and_input_ids(stores, tmp_path, monkeypatch, 
     assert "validation shard 0 fails" in log and "train shard 2 fails (input_ids differ from tokens.zarr)" in log, log
     assert run_cli("inspect", str(LOGITS), "--verify")[0] == 0
     assert_same_arrays(store_arrays(LOGITS), before)
+
+
+@pytest.mark.parametrize("codec, payload, fault, repair", [("factored", "hidden", "truncated", False),
+                                                           ("factored", "hidden", "index", False),
+                                                           ("dense-u8", "logprobs_u8", "truncated", False),
+                                                           ("factored", "hidden", "truncated", True),
+                                                           ("dense-u8", "logprobs_u8", "index", True)])
+def test_a_damaged_unfinished_shard_is_recomputed_without_being_read(stores, tmp_path, monkeypatch, caplog, codec,
+                                                                      payload, fault, repair):
+    """A shard never flagged done whose object is damaged (a kill or a full disk in the middle of its write): the
+    rerun, plain or --repair, rewrites it whole and never reads it (zarr read the old object to merge into it, and
+    its checksum stopped every rerun with a traceback); the store ends bit-equal to the uninterrupted one."""
+    root = tmp_path / "p"
+    shutil.copytree(stores[codec], root)
+    monkeypatch.chdir(root)
+    before = store_arrays(LOGITS)
+    zarr.open_group(str(LOGITS), mode="r+")["train"]["done"][1] = 0
+    {"truncated": truncate, "index": corrupt_end}[fault](shard_file(payload, "train", 1))
+    caplog.set_level(logging.INFO)
+    code, out = run_cli("teacher-logits", *(["--repair"] if repair else []))
+    assert code == 0, out
+    assert re.search(r", 1 of \d+ shards to compute", caplog.text), caplog.text  # that shard alone
+    assert_same_arrays(store_arrays(LOGITS), before)
+    assert run_cli("inspect", str(LOGITS), "--verify")[0] == 0
+
+
+def test_unreadable_input_ids_of_an_unfinished_shard(stores, tmp_path, monkeypatch):
+    """The run reads a shard's input_ids from the store: unreadable ones stop a plain rerun with one line naming the
+    repair, and the repair rewrites them from tokens.zarr and completes the store."""
+    root = tmp_path / "p"
+    shutil.copytree(stores["dense-u8"], root)
+    monkeypatch.chdir(root)
+    before = store_arrays(LOGITS)
+    zarr.open_group(str(LOGITS), mode="r+")["train"]["done"][1] = 0
+    truncate(LOGITS / "train" / "input_ids" / "c" / "1" / "0")
+    assert_one_line_error(*run_cli("teacher-logits"), "distill-pipe teacher-logits --repair")
+    code, out = run_cli("teacher-logits", "--repair")
+    assert code == 0, out
+    assert_same_arrays(store_arrays(LOGITS), before)
+
+
+@pytest.mark.parametrize("error, fix", [("RuntimeError", "check the storage and rerun `distill-pipe teacher-logits`"),
+                                        ("PermissionError", "make it writable")])
+def test_a_failing_shard_write_is_one_line_and_the_rerun_completes(kill_project, zygote, tmp_path, error, fix):
+    """Whatever the shard writer's thread raises (an unexpected error, a read-only destination) reaches the user
+    as one line naming the fix, exit 1; the plain rerun then completes the store."""
+    root = tmp_path / "p"
+    shutil.copytree(kill_project, root)
+    store = root / LOGITS
+    assert zygote.run(root, "teacher-logits")[0] == [0]
+    reference = store_arrays(store)
+    shutil.rmtree(store)
+    codes, out = zygote.run(root, "teacher-logits",
+                            fail={"distill_pipe.store.writer.write_shard": (0, error, "injected write failure")})
+    assert codes == [1], out
+    assert_one_line_error(1, out, fix)
+    assert f"({error}: injected write failure)" in out, out
+    assert zygote.run(root, "teacher-logits")[0] == [0]
+    assert_same_arrays(store_arrays(store), reference)
 
 
 def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatch):

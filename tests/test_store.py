@@ -487,11 +487,13 @@ def test_writer_error_surfaces(tmp_path):
     w = ShardWriter(store, "train")
     w.submit(0, good)
     w.submit(1, bad)
-    with pytest.raises(RuntimeError, match="writing train shards failed.*expected") as info:
+    # a StoreError (a ValueError): the CLI's one line, naming the fix
+    with pytest.raises(StoreError, match=r"writing train shards of .* failed \(ValueError: .*expected.*; check the "
+                                         r"storage and rerun `distill-pipe teacher-logits`") as info:
         w.close()
     assert isinstance(info.value.__cause__, ValueError)
     assert open_store(tmp_path / "s").completed_shards("train") == {0}
-    with pytest.raises(RuntimeError, match="writing train shards failed"):
+    with pytest.raises(StoreError, match="writing train shards of .* failed"):
         with ShardWriter(store, "train") as w2:
             w2.submit(2, bad)
             time.sleep(0.2)

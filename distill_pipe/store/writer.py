@@ -7,6 +7,7 @@ trusts only that flag.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from datetime import datetime, timezone
@@ -158,6 +159,10 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
 def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
     """Write shard k's payload (name -> (n_k, L, ...) for the whole shard), then mark it done.
 
+    The shard's old objects are deleted first (`clear_shard`): zarr reads a shard object before rewriting it
+    (to keep inner chunks not written), so a damaged one left by a kill or a full disk would fail the write
+    that replaces it.
+
     In a store with a target mask, the payload's rows at positions that predict no target are overwritten
     in place (the caller's arrays/tensors included) with each array's `masked_fill` (zeros by default)."""
     if store.mode == "r":
@@ -174,6 +179,7 @@ def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
         if a.shape != want or a.dtype != spec.dtype:
             raise ValueError(f"{split} shard {k}: {name} is {a.shape} {a.dtype}, expected {want} {spec.dtype}")
         arrays[name] = a
+    clear_shard(store, split, k)
     mask = store.target_mask(split)
     if mask is not None:
         # Positions that predict no target hold a constant (zeros, or the codec's masked_fill): zstd stores
@@ -204,6 +210,18 @@ def rewrite_input_ids(store: LogitStore, split: str, k: int, rows: np.ndarray) -
     sync(arr.store_path.store.delete(shard_key(arr.path, k, arr.ndim)))
     start, stop = store.shard_range(split, k)
     arr[start:stop] = rows.astype(np.int32)
+
+
+def write_error(store: LogitStore, split: str, e: BaseException) -> StoreError:
+    """The one-line error for a failed shard write, naming the fix; the shards finished before it are kept."""
+    what = f"writing {split} shards of {store.location} failed ({type(e).__name__}: {e})"
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS:
+        fix = "make it writable (or set paths.logits to a writable location)"
+    elif isinstance(e, OSError):  # a full disk, a file too large, a lost mount
+        fix = "free space (or fix the storage)"
+    else:
+        fix = "check the storage"
+    return StoreError(f"{what}; {fix} and rerun `distill-pipe teacher-logits`: the finished shards are kept")
 
 
 class ShardWriter:
@@ -241,11 +259,7 @@ class ShardWriter:
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            if isinstance(self._error, OSError):  # a full disk, a lost mount: the user can act on it
-                raise StoreError(f"writing {self.split} shards of {self.store.location} failed ({self._error}); "
-                                 "free space (or fix the storage) and rerun `distill-pipe teacher-logits`: the "
-                                 "finished shards are kept") from self._error
-            raise RuntimeError(f"writing {self.split} shards failed: {self._error}") from self._error
+            raise write_error(self.store, self.split, self._error) from self._error
 
     def submit(self, shard_index: int, payload: dict) -> None:
         """Queue shard `shard_index`'s payload (name -> CPU tensor/array for the whole shard)."""
@@ -272,5 +286,5 @@ class ShardWriter:
         else:  # the body's error wins; still stop the thread
             try:
                 self.close()
-            except RuntimeError:
+            except StoreError:
                 pass
