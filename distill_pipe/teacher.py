@@ -8,7 +8,9 @@ Ranks take disjoint shards, round robin over the shards still missing a completi
 lockstep (FSDP all-gathers parameters in every forward): a rank that runs out of work runs throwaway
 forwards until every rank is done. Killed at any point, a rerun computes only the missing shards.
 `--repair` first verifies every finished shard and recomputes only those that fail (corrupt, truncated,
-deleted or wrong values), then verifies the whole store.
+deleted or wrong values), then verifies the whole store; a shard never flagged done is recomputed whole by any
+rerun, never read. A resumed factored store's head must equal the teacher's: `--repair` rewrites what does not
+(weight, bias, attributes, a rotation's transforms), and refuses a klt-int8 store that lost its fitted transforms.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from distill_pipe.data import DataError, open_tokens
 from distill_pipe.store.manifest import write_manifest
 from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
-from distill_pipe.store.format import REPAIR_HINT, StoreCorruptError
-from distill_pipe.store.writer import clear_shard, rewrite_input_ids
+from distill_pipe.store.format import (HEAD_GROUP, REPAIR_HINT, TRANSFORM_LOST_HINT, HeadCorruptError,
+                                       StoreCorruptError)
+from distill_pipe.store.writer import clear_shard, rewrite_head, rewrite_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,9 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     # Rank 0 alone creates or checks the store; the others open it after the barrier.
     if dist.is_main and error is None:
         try:
-            _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
+            resumed = _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
+            if resumed and head is not None:
+                _check_head(out, head, repair)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they wait forever
             if not dist.distributed:
                 raise
@@ -342,13 +347,14 @@ class _capture_hidden:
         self.handle.remove()
 
 
-def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed) -> None:
+def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed) -> bool:
+    """Create the store, or check that the existing one was made from these inputs; True when it resumes one."""
     expected = {**attrs, "codec": {"name": codec.name, "params": codec.params},
                 "shard_size": cfg.teacher_logits.shard_size, "seq_len": int(tokens.attrs["seq_len"])}
     existing = None
     if not overwrite:
         try:
-            existing = open_store(out)
+            existing = open_store(out, load_head=False, check_head=False)  # the head: _check_head
         except StoreError as e:
             if _exists(out):
                 raise TeacherError(f"{out} exists but is not a usable logit store ({e}); pass --overwrite "
@@ -365,7 +371,7 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
                                "it, or set paths.logits to a new location")
         else:
             log.info("resuming %s", out)
-            return
+            return True
     c = model.config
     if h_probe is not None:
         codec.calibrate(h_probe, head)  # a no-op for codecs without a fitted transform
@@ -388,6 +394,30 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
             shutil.rmtree(out)
         os.replace(target, out)
     log.info("created %s", out)
+    return False
+
+
+def _check_head(out: str, head: dict, repair: bool) -> None:
+    """A resumed factored store's head must be the teacher's (`head`): weight, bias and attributes as the teacher
+    gives them, transforms readable. What is not is a one-line error naming the repair, and with `repair` is
+    rewritten from the teacher, bit for bit what the store was created with; except klt-int8's transforms, fitted
+    when the store was created: its payload is coded in their basis, so a store that lost them is refused."""
+    store = open_store(out, mode="r+" if repair else "r", load_head=False, check_head=False)
+    problems = store.head_problems(head)
+    if not problems:
+        return
+    if "transform" in problems and store.codec.params.get("hidden_dtype") == "klt-int8":
+        raise TeacherError(f"{out}: the klt-int8 transform ({HEAD_GROUP}/transform) {problems['transform']}; "
+                           f"{TRANSFORM_LOST_HINT}")
+    part, why = next(iter(problems.items()))
+    if not repair:
+        raise HeadCorruptError(f"{out}: the teacher's head ({HEAD_GROUP}/{part}) {why}; {REPAIR_HINT}", part, why)
+    for part, why in problems.items():
+        log.warning("repair: %s/%s %s: rewriting it from the teacher", HEAD_GROUP, part, why)
+    rewrite_head(store, head, problems)
+    left = store.head_problems(head)
+    assert not left, f"the head still fails after its repair: {left}"
+    log.info("repair: the head of %s rewritten (%s) and verified", out, ", ".join(problems))
 
 
 def _key_view(key: str, value):

@@ -38,18 +38,23 @@ def stores(tmp_path_factory, tiny_teacher) -> dict:
     """prepare + teacher-logits once per codec (3 sequences per shard); tests work on copies."""
     out = {}
     for codec in ("factored", "dense-u8"):
-        root = write_project(tmp_path_factory.mktemp(f"faults_{codec}"), tiny_teacher, doc_chars=1500, seq_len=16,
-                             teacher_logits={"codec": codec, "shard_size": 3, "batch_size": 2})
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            assert run_cli("prepare")[0] == 0
-            code, log = run_cli("teacher-logits")
-            assert code == 0, log
-        finally:
-            os.chdir(cwd)
-        out[codec] = root
+        out[codec] = run_stages(write_project(tmp_path_factory.mktemp(f"faults_{codec}"), tiny_teacher, doc_chars=1500,
+                                              seq_len=16, teacher_logits={"codec": codec, "shard_size": 3,
+                                                                          "batch_size": 2}))
     return out
+
+
+def run_stages(root: Path) -> Path:
+    """prepare and teacher-logits in the project `root`, in this process."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert run_cli("prepare")[0] == 0
+        code, log = run_cli("teacher-logits")
+        assert code == 0, log
+    finally:
+        os.chdir(cwd)
+    return root
 
 
 def shard_file(payload: str, split: str, k: int) -> Path:
@@ -191,6 +196,112 @@ def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatc
     shard_file("logprobs_u8", "validation", 0).unlink()
     code, out = run_cli("evaluate")
     assert_one_line_error(code, out, "teacher-logits --repair")
+
+
+# ---------------------------------------------------------------- the factored head
+
+def store_files(path: Path) -> dict:
+    """Every file of a store: metadata parsed (a rewritten zarr.json may order its keys otherwise), data as bytes."""
+    import json
+
+    return {p.relative_to(path).as_posix(): json.loads(p.read_text()) if p.name == "zarr.json" else p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def transform_stores(tmp_path_factory, tiny_teacher) -> dict:
+    """Factored stores whose hidden states are coded in a transform: klt-int8 (fitted) and int8 rotated (seeded)."""
+    out = {}
+    for name, params in (("klt-int8", {"hidden_dtype": "klt-int8", "step": 0.2}),
+                         ("rotate", {"hidden_dtype": "int8", "rotate": True})):
+        out[name] = run_stages(write_project(tmp_path_factory.mktemp(f"head_{name}"), tiny_teacher, doc_chars=400,
+                                             seq_len=16, teacher_logits={"codec": "factored", "codec_params": params,
+                                                                         "shard_size": 8, "batch_size": 8}))
+    return out
+
+
+def flip_json(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(1, 9):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def set_head_attr(path: Path) -> None:
+    """A value changed, the JSON intact: nothing but the teacher can tell."""
+    import json
+
+    meta = json.loads(path.read_text())
+    meta["attributes"]["logit_scale"] = 2.0
+    path.write_text(json.dumps(meta))
+
+
+HEAD_FAULTS = {"weight-bytes": ("weight/c/0/0", corrupt), "weight-deleted": ("weight", shutil.rmtree),
+               "attributes-bytes": ("zarr.json", flip_json), "weight-metadata-bytes": ("weight/zarr.json", flip_json),
+               "attributes-changed": ("zarr.json", set_head_attr)}
+
+
+@pytest.mark.parametrize("fault", list(HEAD_FAULTS))
+def test_a_damaged_head_is_named_and_repaired_from_the_teacher(stores, tmp_path, monkeypatch, caplog, fault):
+    """head/weight's bytes or metadata damaged, head/weight deleted, the head's attributes damaged or changed:
+    train and evaluate refuse the store in one line naming the repair (all but a changed value, which only the
+    teacher can tell: the plain rerun of the teacher names it), and `teacher-logits --repair` rewrites the head
+    from the teacher, the store then equal to the original file for file."""
+    root = tmp_path / "p"
+    shutil.copytree(stores["factored"], root)
+    monkeypatch.chdir(root)
+    set_students(root, 1)
+    before = store_files(LOGITS)
+    where, damage = HEAD_FAULTS[fault]
+    damage(LOGITS / "head" / where)
+    if fault != "attributes-changed":
+        for args in (("train", "--student", "ref"), ("evaluate",)):
+            assert_one_line_error(*run_cli(*args), "distill-pipe teacher-logits --repair")
+        assert_one_line_error(*run_cli("inspect", str(LOGITS)), "distill-pipe teacher-logits --repair")
+    assert_one_line_error(*run_cli("teacher-logits"), "distill-pipe teacher-logits --repair")
+    caplog.set_level(logging.INFO)
+    code, out = run_cli("teacher-logits", "--repair")
+    assert code == 0, out
+    assert f"repair: head/{where.split('/')[0]}" in caplog.text, caplog.text
+    assert store_files(LOGITS) == before
+    assert run_cli("inspect", str(LOGITS), "--verify")[0] == 0
+
+
+@pytest.mark.parametrize("fault", ["transform-deleted", "transform-bytes", "weight-bytes"])
+def test_klt_transforms_cannot_be_refitted_and_a_store_without_them_is_refused(transform_stores, tmp_path,
+                                                                             monkeypatch, fault):
+    """klt-int8's transforms were fitted when the store was created and its hidden states are coded in their basis:
+    lost, the repair refuses in one line naming --overwrite and changes nothing (train says the same); with them
+    intact, a damaged weight is rewritten from the teacher and the transforms kept, bit for bit."""
+    root = tmp_path / "p"
+    shutil.copytree(transform_stores["klt-int8"], root)
+    monkeypatch.chdir(root)
+    set_students(root, 1)
+    before = store_files(LOGITS)
+    {"transform-deleted": lambda: shutil.rmtree(LOGITS / "head" / "transform"),
+     "transform-bytes": lambda: corrupt(LOGITS / "head" / "encode_transform" / "c" / "0" / "0"),
+     "weight-bytes": lambda: corrupt(LOGITS / "head" / "weight" / "c" / "0" / "0")}[fault]()
+    damaged = store_files(LOGITS)
+    if fault == "weight-bytes":
+        assert_one_line_error(*run_cli("train", "--student", "ref"), "distill-pipe teacher-logits --repair")
+        assert run_cli("teacher-logits", "--repair")[0] == 0
+        assert store_files(LOGITS) == before
+        return
+    for args in (("train", "--student", "ref"), ("teacher-logits",), ("teacher-logits", "--repair")):
+        assert_one_line_error(*run_cli(*args), "distill-pipe teacher-logits --overwrite")
+    assert store_files(LOGITS) == damaged  # nothing rewritten
+
+
+def test_a_rotation_is_made_again_from_its_seed(transform_stores, tmp_path, monkeypatch):
+    """int8 with rotate: the transforms come from the codec's seed, so the repair makes them again, bit for bit."""
+    root = tmp_path / "p"
+    shutil.copytree(transform_stores["rotate"], root)
+    monkeypatch.chdir(root)
+    before = store_files(LOGITS)
+    shutil.rmtree(LOGITS / "head" / "transform")
+    assert_one_line_error(*run_cli("evaluate"), "distill-pipe teacher-logits --repair")
+    assert run_cli("teacher-logits", "--repair")[0] == 0
+    assert store_files(LOGITS) == before
 
 
 # ---------------------------------------------------------------- SIGKILLs at random moments, real processes

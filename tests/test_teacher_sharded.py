@@ -88,7 +88,8 @@ def _check_load(world: int, teacher: str, tied: bool, dtype_name: str, inference
     sharded = sum(n for name, n in reads.items() if name in ref_params and name not in whole)
     assert sharded <= sum(p.numel() for k, p in ref_params.items() if k not in whole) // world + 4096, (case, sharded)
     if tied:  # one tensor under both names, as in the whole model: no second V x d copy
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in (model.lm_head.weight, model.model.embed_tokens.weight)]
+        local = [t.to_local() if hasattr(t, "to_local") else t
+                 for t in (model.lm_head.weight, model.model.embed_tokens.weight)]
         assert model.lm_head.weight is model.model.embed_tokens.weight, case
         assert local[0].data_ptr() == local[1].data_ptr(), case
     assert sorted(n for n, _ in model.named_parameters()) == sorted(ref_params), case
@@ -159,14 +160,15 @@ def _bin_teacher(tiny_teacher, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("kind, dtype, codec", [("untied", "float32", "factored"), ("untied", "bfloat16", "factored"),
-                                                ("tied", "float32", "factored"), ("tied", "bfloat16", "factored"),
-                                                ("tied", "bfloat16", "dense-bf16"), ("bin-fallback", "float32", "factored")])
+@pytest.mark.parametrize("kind, dtype, codec", [
+    ("untied", "float32", "factored"), ("untied", "bfloat16", "factored"), ("tied", "float32", "factored"),
+    ("tied", "bfloat16", "factored"), ("tied", "bfloat16", "dense-bf16"), ("bin-fallback", "float32", "factored")])
 def test_two_ranks_equal_one_bit_for_bit(kill_project, zygote, tiny_teacher, tiny_tied_teacher, tmp_path, kind, dtype,
                                          codec):
     """The teacher stage under 2 ranks (the meta build, FSDP2, rows read per rank; a tied head kept tied) writes the
     store 1 process writes, bit for bit: same threads (the zygote's), same batches per shard."""
-    teacher = {"untied": tiny_teacher, "tied": tiny_tied_teacher}.get(kind) or _bin_teacher(tiny_teacher, tmp_path / "bin")
+    teacher = ({"untied": tiny_teacher, "tied": tiny_tied_teacher}.get(kind)
+               or _bin_teacher(tiny_teacher, tmp_path / "bin"))
     # shards of 3, batches of 2: the ranks get different numbers of shards, and partial batches
     args = ("teacher-logits", "--set", f"teacher.model={teacher}", "--set", f"teacher.dtype={dtype}",
             "--set", f"teacher_logits.codec={codec}", "--set", "teacher_logits.shard_size=3",
