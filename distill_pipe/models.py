@@ -191,26 +191,31 @@ def load_causal_lm_sharded(src: ModelSource, dtype: torch.dtype, device: torch.d
     config = load_config(src)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if n not in index]
-    if missing:
-        log.warning("%s: parameter %s is not in its safetensors under that name; loading the model whole on "
-                    "each rank instead", src.spec, missing[0])
-        return None
+    ties = _tied_groups(model)
+    # checkpoint key of each parameter: a tied group is stored once, under any one of its names
+    key = {}
+    for name, _ in model.named_parameters():
+        group = next((g for g in ties if name in g), [name])
+        key[name] = next((alias for alias in group if alias in index), None)
+        if key[name] is None:
+            log.warning("%s: parameter %s is not in its safetensors under that name; loading the model whole on "
+                        "each rank instead", src.spec, name)
+            return None
     model.eval()
     model = wrap(model)
     model.to_empty(device=device)
+    _retie(model, ties)
     with torch.no_grad():
         for name, param in model.named_parameters():
             local = param.to_local() if hasattr(param, "to_local") else param
             start = _shard_offset(param, local)
             # open per tensor, read ~64 MB of rows at a time: only those pages are ever mapped, so host memory
             # stays at this rank's shard (plus the tensors a caller keeps whole, e.g. the teacher's head)
-            with safe_open(index[name], framework="pt") as f:
+            with safe_open(index[key[name]], framework="pt") as f:
                 if not local.dim():
-                    local.copy_(f.get_tensor(name).to(dtype))
+                    local.copy_(f.get_tensor(key[name]).to(dtype))
                     continue
-                sl, n, trailing = f.get_slice(name), local.shape[0], tuple(local.shape[1:])
+                sl, n, trailing = f.get_slice(key[name]), local.shape[0], tuple(local.shape[1:])
                 step = max(1, (64 << 20) // max(1, 4 * math.prod(trailing)))
                 for a in range(0, n, step):
                     b = min(a + step, n)
@@ -225,6 +230,27 @@ def load_causal_lm_sharded(src: ModelSource, dtype: torch.dtype, device: torch.d
     log.info("loaded model %s shard by shard: %s, %.1fM parameters, %s on %s", src.spec, type(model).__name__,
              n / 1e6, dtype, device)
     return model
+
+
+def _tied_groups(model) -> list[list[str]]:
+    """Names of the parameters that are one tensor under several names (tied input and output embeddings), one
+    list per tensor, in `named_parameters` order (the first name is the one it lists)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model, ties: list[list[str]]) -> None:
+    """`to_empty` gives each module a parameter of its own, so tied weights come back as two tensors (a second V x d
+    copy, under a name a tied checkpoint does not store): point every name of a group at its first one's tensor
+    again. Parameters FSDP manages keep their tie through to_empty; those it ignores (the teacher's embedding and
+    head, fsdp_wrap inference=True) do not."""
+    for first, *others in ties:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
 
 
 def _shard_offset(param, local: torch.Tensor) -> int:

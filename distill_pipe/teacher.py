@@ -8,7 +8,9 @@ Ranks take disjoint shards, round robin over the shards still missing a completi
 lockstep (FSDP all-gathers parameters in every forward): a rank that runs out of work runs throwaway
 forwards until every rank is done. Killed at any point, a rerun computes only the missing shards.
 `--repair` first verifies every finished shard and recomputes only those that fail (corrupt, truncated,
-deleted or wrong values), then verifies the whole store.
+deleted or wrong values), then verifies the whole store; a shard never flagged done is recomputed whole by any
+rerun, never read. A resumed factored store's head must equal the teacher's: `--repair` rewrites what does not
+(weight, bias, attributes, a rotation's transforms), and refuses a klt-int8 store that lost its fitted transforms.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from distill_pipe.data import DataError, open_tokens
 from distill_pipe.store.manifest import write_manifest
 from distill_pipe.store.reader import is_url
 from distill_pipe.store import Head, ShardWriter, StoreError, create_store, head_from_model, make_codec, open_store
-from distill_pipe.store.format import StoreCorruptError
-from distill_pipe.store.writer import clear_shard, rewrite_input_ids
+from distill_pipe.store.format import (HEAD_GROUP, REPAIR_HINT, TRANSFORM_LOST_HINT, HeadCorruptError,
+                                       StoreCorruptError)
+from distill_pipe.store.writer import clear_shard, rewrite_head, rewrite_input_ids
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,9 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     # Rank 0 alone creates or checks the store; the others open it after the barrier.
     if dist.is_main and error is None:
         try:
-            _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
+            resumed = _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed)
+            if resumed and head is not None:
+                _check_head(out, head, repair)
         except Exception as e:  # noqa: BLE001 - every rank must learn of it, or they wait forever
             if not dist.distributed:
                 raise
@@ -147,10 +152,13 @@ def _verify_share(store, dist) -> list[tuple[str, int, str]]:
 def _repair(store, tokens, dist) -> None:
     """Verify this rank's share of the finished shards (checksums, payload values, input_ids against
     tokens.zarr, a decoded sample); for each that fails, delete its payload objects and clear its completion
-    flag, so the run below recomputes exactly those. Each rank touches only its own shards' objects."""
-    pairs = [(s, k) for s in store.splits for k in sorted(store.completed_shards(s))]
+    flag, so the run below recomputes exactly those. Shards not flagged done are recomputed by that run whatever
+    their objects hold (write_shard deletes them before writing): only their input_ids, which the run reads, are
+    checked here. Each rank touches only its own shards' objects."""
+    pairs = [(s, k) for s in store.splits for k in range(store.num_shards(s))]
     mine = pairs[dist.rank :: dist.world_size]
-    failures = {(s, k): why for s, k, why in store.verify(shards=mine)}
+    done = {s: store.completed_shards(s) for s in store.splits}
+    failures = {(s, k): why for s, k, why in store.verify(shards=[(s, k) for s, k in mine if k in done[s]])}
     for s, k in mine:
         start, stop = store.shard_range(s, k)
         want = np.asarray(tokens[s]["input_ids"][start:stop])
@@ -160,15 +168,29 @@ def _repair(store, tokens, dist) -> None:
             same = False
         if not same:
             rewrite_input_ids(store, s, k, want)
-            failures.setdefault((s, k), "input_ids differ from tokens.zarr")
+            if k in done[s]:
+                failures.setdefault((s, k), "input_ids differ from tokens.zarr")
+            else:
+                log.warning("repair: %s shard %d (not finished) had input_ids that differ from tokens.zarr: "
+                            "rewritten", s, k)
     for (s, k), why in sorted(failures.items()):
         log.warning("repair: %s shard %d fails (%s): recomputing it", s, k, why)
         clear_shard(store, s, k)
     n = int(distributed.all_reduce(len(failures), op="sum")) if dist.distributed else len(failures)
     distributed.barrier()
     if dist.is_main:
-        log.info("repair: %d of %d finished shards failed verification", n, sum(
-            len(store.completed_shards(s)) for s in store.splits) + n)
+        log.info("repair: %d of %d finished shards failed verification", n, sum(len(d) for d in done.values()))
+
+
+def _stored_ids(store, split: str, start: int, stop: int) -> np.ndarray:
+    """input_ids rows [start, stop) of the store; unreadable ones are a one-line error naming the repair."""
+    try:
+        return np.asarray(store.input_ids(split)[start:stop])
+    except OSError:  # the storage, not the data (a lost mount): already one line
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to decompress or decode the chunk
+        raise StoreCorruptError(f"{store.location}: {split} input_ids rows {start}-{stop - 1} are unreadable "
+                                f"({type(e).__name__}: {e}); {REPAIR_HINT}") from e
 
 
 def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
@@ -218,16 +240,41 @@ def _load_model(src, dtype: torch.dtype, dist):
     the meta device with each rank reading only its own rows of the safetensors (in `dtype`), so the whole
     model never exists on one host. The embedding and the output head are held whole on every rank
     (`fsdp_wrap(inference=True)`: cheaper than gathering them for every forward). A checkpoint that cannot be
-    read by rows (GGUF, .bin) is loaded whole on each rank, in `dtype`, and then sharded."""
-    if not dist.distributed:
-        return models.load_causal_lm(src, dtype=dtype, device=dist.device)
-    # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
-    wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, inference=True)  # noqa: E731
-    model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
-    if model is None:
-        log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
-        model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
+    read by rows (GGUF, .bin) is loaded whole on each rank, in `dtype`, and then sharded.
+
+    A failure on any rank fails every rank together with one TeacherError (one line from the CLI, not a traceback
+    per rank), after the ranks that loaded have reached the same point: none is left waiting in a collective."""
+    failure, model = None, None
+    try:
+        if not dist.distributed:
+            model = models.load_causal_lm(src, dtype=dtype, device=dist.device)
+        else:
+            # The parameters are already in `dtype`: no mixed-precision cast; fp32 output on the root only.
+            wrap = lambda m: distributed.fsdp_wrap(m, param_dtype=None, inference=True)  # noqa: E731
+            model = models.load_causal_lm_sharded(src, dtype, dist.device, wrap)
+            if model is None:
+                log.info("%s cannot be read shard by shard: every rank loads it whole, then shards it", src.spec)
+                model = wrap(models.load_causal_lm(src, dtype=dtype, device="cpu"))
+    except Exception as e:  # noqa: BLE001 - any failure to read the teacher is the user's to act on
+        failure = e
+    error = None if failure is None else _load_error(src, failure)
+    if dist.distributed and error is not None:
+        error = f"rank {dist.rank}: {error}"
+    errors = [e for e in distributed.all_gather_object(error) if e]  # [error] in one process
+    if errors:
+        raise TeacherError(errors[0]) from failure  # DISTILL_PIPE_DEBUG=1 shows this rank's traceback
     return model
+
+
+def _load_error(src, e: Exception) -> str:
+    """One line for a teacher that failed to load: our own errors name their fix; anything else (a KeyError, a
+    safetensors header error) means the files are not what their config says."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+    if isinstance(e, (ValueError, OSError)):
+        return text
+    return (f"cannot load the teacher {src.spec} ({type(e).__name__}: {text}): its files are damaged, incomplete "
+            "or not what its config.json describes; download or save it again (DISTILL_PIPE_DEBUG=1 shows the "
+            "traceback)")
 
 
 def _reshard(model) -> None:
@@ -300,13 +347,14 @@ class _capture_hidden:
         self.handle.remove()
 
 
-def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed) -> None:
+def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overwrite, replace_changed) -> bool:
+    """Create the store, or check that the existing one was made from these inputs; True when it resumes one."""
     expected = {**attrs, "codec": {"name": codec.name, "params": codec.params},
                 "shard_size": cfg.teacher_logits.shard_size, "seq_len": int(tokens.attrs["seq_len"])}
     existing = None
     if not overwrite:
         try:
-            existing = open_store(out)
+            existing = open_store(out, load_head=False, check_head=False)  # the head: _check_head
         except StoreError as e:
             if _exists(out):
                 raise TeacherError(f"{out} exists but is not a usable logit store ({e}); pass --overwrite "
@@ -323,7 +371,7 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
                                "it, or set paths.logits to a new location")
         else:
             log.info("resuming %s", out)
-            return
+            return True
     c = model.config
     if h_probe is not None:
         codec.calibrate(h_probe, head)  # a no-op for codecs without a fitted transform
@@ -346,6 +394,30 @@ def _create_or_check(out, attrs, tokens, codec, cfg, model, head, h_probe, overw
             shutil.rmtree(out)
         os.replace(target, out)
     log.info("created %s", out)
+    return False
+
+
+def _check_head(out: str, head: dict, repair: bool) -> None:
+    """A resumed factored store's head must be the teacher's (`head`): weight, bias and attributes as the teacher
+    gives them, transforms readable. What is not is a one-line error naming the repair, and with `repair` is
+    rewritten from the teacher, bit for bit what the store was created with; except klt-int8's transforms, fitted
+    when the store was created: its payload is coded in their basis, so a store that lost them is refused."""
+    store = open_store(out, mode="r+" if repair else "r", load_head=False, check_head=False)
+    problems = store.head_problems(head)
+    if not problems:
+        return
+    if "transform" in problems and store.codec.params.get("hidden_dtype") == "klt-int8":
+        raise TeacherError(f"{out}: the klt-int8 transform ({HEAD_GROUP}/transform) {problems['transform']}; "
+                           f"{TRANSFORM_LOST_HINT}")
+    part, why = next(iter(problems.items()))
+    if not repair:
+        raise HeadCorruptError(f"{out}: the teacher's head ({HEAD_GROUP}/{part}) {why}; {REPAIR_HINT}", part, why)
+    for part, why in problems.items():
+        log.warning("repair: %s/%s %s: rewriting it from the teacher", HEAD_GROUP, part, why)
+    rewrite_head(store, head, problems)
+    left = store.head_problems(head)
+    assert not left, f"the head still fails after its repair: {left}"
+    log.info("repair: the head of %s rewritten (%s) and verified", out, ", ".join(problems))
 
 
 def _key_view(key: str, value):
@@ -374,7 +446,7 @@ def _step(model, store, codec, writers, parts, batches, step, cap, dist, bar, se
     split, k, start, stop = batches[step] if real else batches[-1] if batches else ("train", 0, 0, 1)
     failed = None
     try:
-        ids = torch.as_tensor(store.input_ids(split)[start:stop], dtype=torch.long, device=dist.device)
+        ids = torch.as_tensor(_stored_ids(store, split, start, stop), dtype=torch.long, device=dist.device)
     except Exception as e:  # noqa: BLE001 - raised after the forward below
         if not dist.distributed:
             raise

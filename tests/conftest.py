@@ -58,13 +58,13 @@ def make_tokenizer(folder: Path, vocab_size: int = 300):
 
 
 def make_tiny_llama(folder: Path, tok, *, layers: int = 2, hidden: int = 32, max_pos: int = 128, seed: int = 0,
-                    vocab_size: int | None = None):
+                    vocab_size: int | None = None, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_pos, tie_word_embeddings=False,
+                      max_position_embeddings=max_pos, tie_word_embeddings=tied,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, bos_token_id=None)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(folder)
@@ -78,6 +78,16 @@ def tiny_teacher(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_teacher")
     tok = make_tokenizer(folder)
     make_tiny_llama(folder, tok)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_teacher(tmp_path_factory) -> Path:
+    """tiny_teacher's shapes with tied input and output embeddings (Llama-3.2-1B, Qwen2.5-0.5B, Gemma, SmolLM2):
+    its safetensors hold model.embed_tokens.weight and no lm_head.weight."""
+    folder = tmp_path_factory.mktemp("tiny_tied_teacher")
+    tok = make_tokenizer(folder)
+    make_tiny_llama(folder, tok, seed=1, tied=True)
     return folder
 
 
@@ -124,3 +134,23 @@ def project(tmp_path, tiny_teacher, monkeypatch) -> Path:
     write_project(tmp_path, tiny_teacher, doc_chars=3000, seq_len=32)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    """tests/faultkit.py's Zygote: real processes (1 or more ranks) started in a fraction of a second."""
+    from faultkit import Zygote
+
+    z = Zygote()
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope="module")
+def kill_project(tmp_path_factory, tiny_teacher, zygote) -> Path:
+    """A project with tokens.zarr (made by a zygote child); stores and students are made by each test."""
+    root = write_project(tmp_path_factory.mktemp("kills"), tiny_teacher, doc_chars=700, seq_len=16,
+                         teacher_logits={"codec": "factored", "shard_size": 4, "batch_size": 4})
+    codes, out = zygote.run(root, "prepare")
+    assert codes == [0], out
+    return root

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 ZYGOTE = r'''
-import importlib, json, os, resource, sys, time, traceback
+import builtins, importlib, json, os, resource, sys, time, traceback
 import numpy, torch, transformers, zarr
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 import distill_pipe.cli, distill_pipe.data, distill_pipe.evaluate, distill_pipe.teacher, distill_pipe.train
@@ -33,18 +33,28 @@ def child(job, rank):
                           LOCAL_WORLD_SIZE=str(job["world"]), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job["port"]))
     if job.get("fsize"):
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["fsize"], job["fsize"]))
-    for target, seconds in job.get("slow", {}).items():  # stretch the work so that kills land inside it
+    def patch(target, make):
         module, name = target.split(":") if ":" in target else target.rsplit(".", 1)  # module[:Class].attr
         obj = importlib.import_module(module)
         *owners, attr = name.split(".")
         for o in owners:
             obj = getattr(obj, o)
-        real = getattr(obj, attr)
-        def slow(*a, _real=real, _s=seconds, _t=target, **kw):
-            print(f"inside {_t}", file=sys.stderr, flush=True)  # the test kills on this line
-            time.sleep(_s)
-            return _real(*a, **kw)
-        setattr(obj, attr, slow)
+        setattr(obj, attr, make(getattr(obj, attr)))
+    for target, seconds in job.get("slow", {}).items():  # stretch the work so that kills land inside it
+        def make_slow(real, _s=seconds, _t=target):
+            def slow(*a, **kw):
+                print(f"inside {_t}", file=sys.stderr, flush=True)  # the test kills on this line
+                time.sleep(_s)
+                return real(*a, **kw)
+            return slow
+        patch(target, make_slow)
+    for target, (fail_rank, error, message) in job.get("fail", {}).items():  # an error on one rank
+        def make_fail(real, _e=getattr(builtins, error), _m=message):
+            def fail(*a, **kw):
+                raise _e(_m)
+            return fail
+        if rank == fail_rank:
+            patch(target, make_fail)
     code = 0
     try:
         distill_pipe.cli.app(job["args"], prog_name="distill-pipe")
@@ -88,10 +98,13 @@ class Zygote:
         self.pids: list[int] = []
         self.log = ""
 
-    def start(self, cwd: Path, *args: str, world: int = 1, slow: dict | None = None, fsize: int | None = None):
+    def start(self, cwd: Path, *args: str, world: int = 1, slow: dict | None = None, fsize: int | None = None,
+              fail: dict | None = None):
+        """slow: {target: seconds} sleeps before each call; fail: {target: (rank, error, message)} makes every
+        call on that rank raise the builtin exception `error`(message); target "module.attr" or "module:Class.attr"."""
         self.log = str(Path(cwd) / f".fault-log-{time.monotonic_ns()}")
         job = {"cwd": str(cwd), "args": list(args), "world": world, "port": free_port(), "slow": slow or {},
-               "fsize": fsize, "log": self.log}
+               "fsize": fsize, "fail": fail or {}, "log": self.log}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         self.pids = json.loads(self.proc.stdout.readline())["pids"]

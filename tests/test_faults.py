@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -37,18 +38,23 @@ def stores(tmp_path_factory, tiny_teacher) -> dict:
     """prepare + teacher-logits once per codec (3 sequences per shard); tests work on copies."""
     out = {}
     for codec in ("factored", "dense-u8"):
-        root = write_project(tmp_path_factory.mktemp(f"faults_{codec}"), tiny_teacher, doc_chars=1500, seq_len=16,
-                             teacher_logits={"codec": codec, "shard_size": 3, "batch_size": 2})
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            assert run_cli("prepare")[0] == 0
-            code, log = run_cli("teacher-logits")
-            assert code == 0, log
-        finally:
-            os.chdir(cwd)
-        out[codec] = root
+        out[codec] = run_stages(write_project(tmp_path_factory.mktemp(f"faults_{codec}"), tiny_teacher, doc_chars=1500,
+                                              seq_len=16, teacher_logits={"codec": codec, "shard_size": 3,
+                                                                          "batch_size": 2}))
     return out
+
+
+def run_stages(root: Path) -> Path:
+    """prepare and teacher-logits in the project `root`, in this process."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert run_cli("prepare")[0] == 0
+        code, log = run_cli("teacher-logits")
+        assert code == 0, log
+    finally:
+        os.chdir(cwd)
+    return root
 
 
 def shard_file(payload: str, split: str, k: int) -> Path:
@@ -65,6 +71,14 @@ def corrupt(path: Path) -> None:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def corrupt_end(path: Path) -> None:
+    """Flip bytes at the end of the object, where a zarr shard keeps its index (offset, size of each chunk)."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 12, len(data) - 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize("codec, payload, fault", [("factored", "hidden", "corrupt"), ("factored", "hidden", "truncated"),
@@ -116,6 +130,65 @@ def test_repair_fixes_wrong_values_and_input_ids(stores, tmp_path, monkeypatch, 
     assert_same_arrays(store_arrays(LOGITS), before)
 
 
+@pytest.mark.parametrize("codec, payload, fault, repair", [("factored", "hidden", "truncated", False),
+                                                           ("factored", "hidden", "index", False),
+                                                           ("dense-u8", "logprobs_u8", "truncated", False),
+                                                           ("factored", "hidden", "truncated", True),
+                                                           ("dense-u8", "logprobs_u8", "index", True)])
+def test_a_damaged_unfinished_shard_is_recomputed_without_being_read(stores, tmp_path, monkeypatch, caplog, codec,
+                                                                      payload, fault, repair):
+    """A shard never flagged done whose object is damaged (a kill or a full disk in the middle of its write): the
+    rerun, plain or --repair, rewrites it whole and never reads it (zarr read the old object to merge into it, and
+    its checksum stopped every rerun with a traceback); the store ends bit-equal to the uninterrupted one."""
+    root = tmp_path / "p"
+    shutil.copytree(stores[codec], root)
+    monkeypatch.chdir(root)
+    before = store_arrays(LOGITS)
+    zarr.open_group(str(LOGITS), mode="r+")["train"]["done"][1] = 0
+    {"truncated": truncate, "index": corrupt_end}[fault](shard_file(payload, "train", 1))
+    caplog.set_level(logging.INFO)
+    code, out = run_cli("teacher-logits", *(["--repair"] if repair else []))
+    assert code == 0, out
+    assert re.search(r", 1 of \d+ shards to compute", caplog.text), caplog.text  # that shard alone
+    assert_same_arrays(store_arrays(LOGITS), before)
+    assert run_cli("inspect", str(LOGITS), "--verify")[0] == 0
+
+
+def test_unreadable_input_ids_of_an_unfinished_shard(stores, tmp_path, monkeypatch):
+    """The run reads a shard's input_ids from the store: unreadable ones stop a plain rerun with one line naming the
+    repair, and the repair rewrites them from tokens.zarr and completes the store."""
+    root = tmp_path / "p"
+    shutil.copytree(stores["dense-u8"], root)
+    monkeypatch.chdir(root)
+    before = store_arrays(LOGITS)
+    zarr.open_group(str(LOGITS), mode="r+")["train"]["done"][1] = 0
+    truncate(LOGITS / "train" / "input_ids" / "c" / "1" / "0")
+    assert_one_line_error(*run_cli("teacher-logits"), "distill-pipe teacher-logits --repair")
+    code, out = run_cli("teacher-logits", "--repair")
+    assert code == 0, out
+    assert_same_arrays(store_arrays(LOGITS), before)
+
+
+@pytest.mark.parametrize("error, fix", [("RuntimeError", "check the storage and rerun `distill-pipe teacher-logits`"),
+                                        ("PermissionError", "make it writable")])
+def test_a_failing_shard_write_is_one_line_and_the_rerun_completes(kill_project, zygote, tmp_path, error, fix):
+    """Whatever the shard writer's thread raises (an unexpected error, a read-only destination) reaches the user
+    as one line naming the fix, exit 1; the plain rerun then completes the store."""
+    root = tmp_path / "p"
+    shutil.copytree(kill_project, root)
+    store = root / LOGITS
+    assert zygote.run(root, "teacher-logits")[0] == [0]
+    reference = store_arrays(store)
+    shutil.rmtree(store)
+    codes, out = zygote.run(root, "teacher-logits",
+                            fail={"distill_pipe.store.writer.write_shard": (0, error, "injected write failure")})
+    assert codes == [1], out
+    assert_one_line_error(1, out, fix)
+    assert f"({error}: injected write failure)" in out, out
+    assert zygote.run(root, "teacher-logits")[0] == [0]
+    assert_same_arrays(store_arrays(store), reference)
+
+
 def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatch):
     root = tmp_path / "p"
     shutil.copytree(stores["dense-u8"], root)
@@ -125,28 +198,115 @@ def test_plain_rerun_error_names_the_repair_command(stores, tmp_path, monkeypatc
     assert_one_line_error(code, out, "teacher-logits --repair")
 
 
+# ---------------------------------------------------------------- the factored head
+
+def store_files(path: Path) -> dict:
+    """Every file of a store: metadata parsed (a rewritten zarr.json may order its keys otherwise), data as bytes."""
+    import json
+
+    return {p.relative_to(path).as_posix(): json.loads(p.read_text()) if p.name == "zarr.json" else p.read_bytes()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def transform_stores(tmp_path_factory, tiny_teacher) -> dict:
+    """Factored stores whose hidden states are coded in a transform: klt-int8 (fitted) and int8 rotated (seeded)."""
+    out = {}
+    for name, params in (("klt-int8", {"hidden_dtype": "klt-int8", "step": 0.2}),
+                         ("rotate", {"hidden_dtype": "int8", "rotate": True})):
+        out[name] = run_stages(write_project(tmp_path_factory.mktemp(f"head_{name}"), tiny_teacher, doc_chars=400,
+                                             seq_len=16, teacher_logits={"codec": "factored", "codec_params": params,
+                                                                         "shard_size": 8, "batch_size": 8}))
+    return out
+
+
+def flip_json(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(1, 9):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def set_head_attr(path: Path) -> None:
+    """A value changed, the JSON intact: nothing but the teacher can tell."""
+    import json
+
+    meta = json.loads(path.read_text())
+    meta["attributes"]["logit_scale"] = 2.0
+    path.write_text(json.dumps(meta))
+
+
+HEAD_FAULTS = {"weight-bytes": ("weight/c/0/0", corrupt), "weight-deleted": ("weight", shutil.rmtree),
+               "attributes-bytes": ("zarr.json", flip_json), "weight-metadata-bytes": ("weight/zarr.json", flip_json),
+               "attributes-changed": ("zarr.json", set_head_attr)}
+
+
+@pytest.mark.parametrize("fault", list(HEAD_FAULTS))
+def test_a_damaged_head_is_named_and_repaired_from_the_teacher(stores, tmp_path, monkeypatch, caplog, fault):
+    """head/weight's bytes or metadata damaged, head/weight deleted, the head's attributes damaged or changed:
+    train and evaluate refuse the store in one line naming the repair (all but a changed value, which only the
+    teacher can tell: the plain rerun of the teacher names it), and `teacher-logits --repair` rewrites the head
+    from the teacher, the store then equal to the original file for file."""
+    root = tmp_path / "p"
+    shutil.copytree(stores["factored"], root)
+    monkeypatch.chdir(root)
+    set_students(root, 1)
+    before = store_files(LOGITS)
+    where, damage = HEAD_FAULTS[fault]
+    damage(LOGITS / "head" / where)
+    if fault != "attributes-changed":
+        for args in (("train", "--student", "ref"), ("evaluate",)):
+            assert_one_line_error(*run_cli(*args), "distill-pipe teacher-logits --repair")
+        assert_one_line_error(*run_cli("inspect", str(LOGITS)), "distill-pipe teacher-logits --repair")
+    assert_one_line_error(*run_cli("teacher-logits"), "distill-pipe teacher-logits --repair")
+    caplog.set_level(logging.INFO)
+    code, out = run_cli("teacher-logits", "--repair")
+    assert code == 0, out
+    assert f"repair: head/{where.split('/')[0]}" in caplog.text, caplog.text
+    assert store_files(LOGITS) == before
+    assert run_cli("inspect", str(LOGITS), "--verify")[0] == 0
+
+
+@pytest.mark.parametrize("fault", ["transform-deleted", "transform-bytes", "weight-bytes"])
+def test_klt_transforms_cannot_be_refitted_and_a_store_without_them_is_refused(transform_stores, tmp_path,
+                                                                             monkeypatch, fault):
+    """klt-int8's transforms were fitted when the store was created and its hidden states are coded in their basis:
+    lost, the repair refuses in one line naming --overwrite and changes nothing (train says the same); with them
+    intact, a damaged weight is rewritten from the teacher and the transforms kept, bit for bit."""
+    root = tmp_path / "p"
+    shutil.copytree(transform_stores["klt-int8"], root)
+    monkeypatch.chdir(root)
+    set_students(root, 1)
+    before = store_files(LOGITS)
+    {"transform-deleted": lambda: shutil.rmtree(LOGITS / "head" / "transform"),
+     "transform-bytes": lambda: corrupt(LOGITS / "head" / "encode_transform" / "c" / "0" / "0"),
+     "weight-bytes": lambda: corrupt(LOGITS / "head" / "weight" / "c" / "0" / "0")}[fault]()
+    damaged = store_files(LOGITS)
+    if fault == "weight-bytes":
+        assert_one_line_error(*run_cli("train", "--student", "ref"), "distill-pipe teacher-logits --repair")
+        assert run_cli("teacher-logits", "--repair")[0] == 0
+        assert store_files(LOGITS) == before
+        return
+    for args in (("train", "--student", "ref"), ("teacher-logits",), ("teacher-logits", "--repair")):
+        assert_one_line_error(*run_cli(*args), "distill-pipe teacher-logits --overwrite")
+    assert store_files(LOGITS) == damaged  # nothing rewritten
+
+
+def test_a_rotation_is_made_again_from_its_seed(transform_stores, tmp_path, monkeypatch):
+    """int8 with rotate: the transforms come from the codec's seed, so the repair makes them again, bit for bit."""
+    root = tmp_path / "p"
+    shutil.copytree(transform_stores["rotate"], root)
+    monkeypatch.chdir(root)
+    before = store_files(LOGITS)
+    shutil.rmtree(LOGITS / "head" / "transform")
+    assert_one_line_error(*run_cli("evaluate"), "distill-pipe teacher-logits --repair")
+    assert run_cli("teacher-logits", "--repair")[0] == 0
+    assert store_files(LOGITS) == before
+
+
 # ---------------------------------------------------------------- SIGKILLs at random moments, real processes
 
 KILLS = 10
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    from faultkit import Zygote
-
-    z = Zygote()
-    yield z
-    z.close()
-
-
-@pytest.fixture(scope="module")
-def kill_project(tmp_path_factory, tiny_teacher, zygote) -> Path:
-    """A project with tokens.zarr; stores and students are made by each test."""
-    root = write_project(tmp_path_factory.mktemp("kills"), tiny_teacher, doc_chars=700, seq_len=16,
-                         teacher_logits={"codec": "factored", "shard_size": 4, "batch_size": 4})
-    codes, out = zygote.run(root, "prepare")
-    assert codes == [0], out
-    return root
 
 
 def tokens_snapshot(path: Path) -> tuple[dict, dict]:

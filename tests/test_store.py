@@ -487,11 +487,13 @@ def test_writer_error_surfaces(tmp_path):
     w = ShardWriter(store, "train")
     w.submit(0, good)
     w.submit(1, bad)
-    with pytest.raises(RuntimeError, match="writing train shards failed.*expected") as info:
+    # a StoreError (a ValueError): the CLI's one line, naming the fix
+    with pytest.raises(StoreError, match=r"writing train shards of .* failed \(ValueError: .*expected.*; check the "
+                                         r"storage and rerun `distill-pipe teacher-logits`") as info:
         w.close()
     assert isinstance(info.value.__cause__, ValueError)
     assert open_store(tmp_path / "s").completed_shards("train") == {0}
-    with pytest.raises(RuntimeError, match="writing train shards failed"):
+    with pytest.raises(StoreError, match="writing train shards of .* failed"):
         with ShardWriter(store, "train") as w2:
             w2.submit(2, bad)
             time.sleep(0.2)
@@ -642,3 +644,36 @@ def test_manifest_only_of_a_complete_store_and_checked_by_readers(tmp_path):
     shutil.rmtree(tmp_path / "s")
     with pytest.raises(NotAStoreError, match=f"{tmp_path / 's'} is missing, though {path} says it is complete"):
         open_manifested_store(str(tmp_path / "s"), path)
+
+
+def test_head_problems_name_each_part_that_is_not_the_teachers(tmp_path):
+    """What `teacher-logits` compares on every resume of a factored store (and --repair rewrites): each part of the
+    head that differs from the teacher's or cannot be read, by name; a store from before the head's `bias`
+    attribute resumes as it is."""
+    import json
+    import shutil
+
+    from distill_pipe.store import HeadCorruptError
+    from distill_pipe.store.writer import rewrite_head
+
+    build(tmp_path / "s", "factored")
+    _, w, b, _ = make_data()
+    teacher = {"weight": w.to(torch.bfloat16).float(), "bias": b, "final_logit_softcapping": SOFTCAP, "logit_scale": SCALE}
+    exact = {**teacher, "weight": w}
+    assert open_store(tmp_path / "s").head_problems(exact) == {}
+    assert set(open_store(tmp_path / "s").head_problems(teacher)) == {"weight"}  # other values
+    assert set(open_store(tmp_path / "s").head_problems({**exact, "bias": None})) == {"zarr.json", "bias"}
+    meta = tmp_path / "s" / "head" / "zarr.json"
+    old = json.loads(meta.read_text())
+    del old["attributes"]["bias"]  # as a store written before the attribute
+    meta.write_text(json.dumps(old))
+    assert open_store(tmp_path / "s").head_problems(exact) == {}
+    shutil.rmtree(tmp_path / "s" / "head" / "weight")
+    with pytest.raises(HeadCorruptError, match=r"head \(head/weight\) is missing; .*teacher-logits --repair"):
+        open_store(tmp_path / "s")
+    store = open_store(tmp_path / "s", mode="r+", load_head=False, check_head=False)
+    problems = store.head_problems(exact)
+    assert problems == {"weight": "is missing"}
+    rewrite_head(store, exact, problems)
+    head = open_store(tmp_path / "s").head
+    assert torch.equal(head.weight_VD, w) and torch.equal(head.bias_V, b) and head.logit_scale == SCALE

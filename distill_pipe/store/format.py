@@ -4,7 +4,9 @@ Layout (a Zarr v3 group; readable with `zarr` alone, see docs/store-format.md):
 
     <root>/zarr.json           group attributes (`info`): format, format_version, codec, shapes, lineage
     <root>/head/               factored codec only: weight (V, d) float32, [bias (V,)],
-                               [encode_transform, transform (d, d)] for rotated/klt hidden dtypes
+                               [encode_transform, transform (d, d)] for rotated/klt hidden dtypes; attributes
+                               final_logit_softcapping, logit_scale, bias (whether head/bias exists);
+                               each array checksummed (crc32c), as input_ids and target_mask
     <root>/<split>/input_ids   (N, L) int32
     <root>/<split>/<payload>   (N, L, ...) the codec's arrays, one zarr shard = `shard_size` whole sequences
     <root>/<split>/done        (num_shards,) uint8, one object per flag; 1 = shard k written completely
@@ -56,6 +58,28 @@ class StoreIncompleteError(StoreError):
 
 class StoreCorruptError(StoreError):
     """A shard's data cannot be read back."""
+
+
+class HeadCorruptError(StoreCorruptError):
+    """A factored store's head (weight, bias, attributes, transforms) is missing, unreadable or not the teacher's.
+    part: which ("weight", "bias", "zarr.json" (attributes), "transform", ...); why: what is wrong with it."""
+
+    def __init__(self, message: str, part: str | None = None, why: str | None = None):
+        super().__init__(message)
+        self.part, self.why = part, why
+
+
+# klt-int8's transforms were fitted on the teacher's hidden states when the store was created; its payload is coded
+# in their basis, and a refit need not give the same bits, so a store that lost them cannot be repaired.
+TRANSFORM_LOST_HINT = ("the stored hidden states are coded in that fitted basis, which cannot be fitted again: "
+                       "recompute the store with `distill-pipe teacher-logits --overwrite`")
+
+
+def head_attrs(head: dict) -> dict:
+    """The head group's attributes for a head dict (create_store's `head`). `bias` says whether head/bias exists, so
+    a deleted bias is an error, not a head without one."""
+    return {"final_logit_softcapping": head.get("final_logit_softcapping"), "logit_scale": head.get("logit_scale"),
+            "bias": head.get("bias") is not None}
 
 
 def format_ranges(indices) -> str:

@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from distill_pipe.store.format import FORMAT_NAME, NotAStoreError, StoreError
+from distill_pipe.store.format import FORMAT_NAME, HeadCorruptError, NotAStoreError, StoreError
 from distill_pipe.store.reader import LogitStore, open_store
 
 MANIFEST_FORMAT = "distill-pipe-logits-manifest"
@@ -112,7 +112,7 @@ def open_manifested_store(location: str, manifest_path, splits=None) -> LogitSto
                 raise StoreError(f"store {location} has no {split} split; rerun `distill-pipe teacher-logits`")
             store.check_complete(split)
     except StoreError as e:
-        if manifest is None:
+        if manifest is None or isinstance(e, HeadCorruptError):  # a damaged head: its message names the repair
             raise
         problem = f"{location} is missing" if isinstance(e, NotAStoreError) else str(e).split(";")[0]
         # the same error class (callers tell incomplete from missing), with the rerun DVC will not do itself

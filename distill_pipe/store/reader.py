@@ -16,9 +16,10 @@ from zarr.core.sync import sync
 from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, Head, make_codec
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, FORMAT_VERSION, HEAD_GROUP, INPUT_IDS_ARRAY,
-                                       MASKED_FORMAT_VERSION, TARGET_MASK_ARRAY, NotAStoreError,
-                                       StoreCorruptError, StoreError, StoreIncompleteError, REPAIR_HINT,
-                                       StoreVersionError, incomplete_message, payload_keep, shard_key)
+                                       MASKED_FORMAT_VERSION, REPAIR_HINT, TARGET_MASK_ARRAY, TRANSFORM_LOST_HINT,
+                                       HeadCorruptError, NotAStoreError, StoreCorruptError, StoreError,
+                                       StoreIncompleteError, StoreVersionError, head_attrs, incomplete_message,
+                                       payload_keep, shard_key)
 from distill_pipe.store.shards import RowRequest, ShardIndexCache, ShardLayout, read_rows
 
 
@@ -68,7 +69,7 @@ class TeacherBatch:
 class LogitStore:
     """An opened logit store. Use `open_store` / `create_store` rather than the constructor."""
 
-    def __init__(self, root: zarr.Group, location: str, mode: str, load_head: bool = True):
+    def __init__(self, root: zarr.Group, location: str, mode: str, load_head: bool = True, check_head: bool = True):
         self._root = root
         self.location = location
         self.mode = mode
@@ -91,9 +92,11 @@ class LogitStore:
         self._known_done: dict[str, set[int]] = {}  # shards seen complete (they never become incomplete)
         self._specs = self.codec.payload_specs(self.vocab_size, self.hidden_size)
         self._check_shapes()
+        if check_head:
+            self._check_head_shape()
         if load_head:
             self.head  # noqa: B018 - load the head (and a factored codec's transforms) now
-        else:  # a writer needs the codec's transforms only: the (V, d) head loads when first used
+        elif check_head:  # a writer needs the codec's transforms only: the (V, d) head loads when first used
             self._transform()
 
     # ---- metadata -------------------------------------------------------------------------------
@@ -183,16 +186,16 @@ class LogitStore:
                 if got != want:
                     raise StoreError(f"{self.location}: payload {split}/{name} has shape {got} but the store's "
                                      f"attributes and codec {self.codec} say {want}")
-        if self.codec.name == "factored":
-            try:
-                w = self._root[f"{HEAD_GROUP}/weight"]
-            except KeyError:
-                raise StoreCorruptError(f"{self.location}: factored store without {HEAD_GROUP}/weight") from None
-            want = (self.vocab_size, self.hidden_size)
-            if tuple(w.shape) != want:
-                raise StoreError(f"{self.location}: head/weight has shape {tuple(w.shape)} (V, d) but the payload "
-                                 f"hidden states need (V, d) = {want} (vocab_size {self.vocab_size}, hidden "
-                                 f"size {self.hidden_size}): payload and head come from different teachers")
+
+    def _check_head_shape(self) -> None:
+        if self.codec.name != "factored":
+            return
+        w = self._head_read("weight", lambda: self._root[f"{HEAD_GROUP}/weight"])
+        want = (self.vocab_size, self.hidden_size)
+        if tuple(w.shape) != want:
+            raise StoreError(f"{self.location}: head/weight has shape {tuple(w.shape)} (V, d) but the payload "
+                             f"hidden states need (V, d) = {want} (vocab_size {self.vocab_size}, hidden "
+                             f"size {self.hidden_size}): payload and head come from different teachers")
 
     # ---- head -----------------------------------------------------------------------------------
     @property
@@ -201,26 +204,108 @@ class LogitStore:
         if self.codec.name != "factored":
             return None
         if self._head is None:
-            g = self._root[HEAD_GROUP]
-            self._head = Head(self._head_array("weight"),
-                              self._head_array("bias") if "bias" in set(g.array_keys()) else None,
-                              g.attrs.get("final_logit_softcapping"), g.attrs.get("logit_scale"), self._transform())
+            attrs = self._head_attrs()
+            has_bias = attrs["bias"] if "bias" in attrs else "bias" in self._head_keys()  # older stores: none said
+            self._head = Head(self._head_array("weight"), self._head_array("bias") if has_bias else None,
+                              attrs.get("final_logit_softcapping"), attrs.get("logit_scale"), self._transform())
         return self._head
 
+    def _head_read(self, part: str, read):
+        """read() of one part of the head; missing or unreadable (a checksum, damaged JSON) raises HeadCorruptError
+        naming the fix: the repair rebuilds the head from the teacher, except klt-int8's fitted transforms."""
+        try:
+            return read()
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to fetch, parse or decompress that part
+            why = "is missing" if isinstance(e, KeyError) else f"is unreadable ({type(e).__name__}: {e})"
+            fix = (TRANSFORM_LOST_HINT if part.endswith("transform") and self.codec.params.get("hidden_dtype") ==
+                   "klt-int8" else REPAIR_HINT)
+            raise HeadCorruptError(f"{self.location}: the teacher's head ({HEAD_GROUP}/{part}) {why}; {fix}", part,
+                                   why) from e
+
+    def _head_group(self) -> zarr.Group:
+        return self._head_read("zarr.json", lambda: self._root[HEAD_GROUP])
+
+    def _head_attrs(self) -> dict:
+        return self._head_read("zarr.json", lambda: dict(self._head_group().attrs))
+
+    def _head_keys(self) -> set[str]:
+        return self._head_read("zarr.json", lambda: set(self._head_group().array_keys()))
+
     def _head_array(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._root[f"{HEAD_GROUP}/{name}"][...], dtype=np.float32))
+        return self._head_read(name, lambda: torch.from_numpy(
+            np.asarray(self._root[f"{HEAD_GROUP}/{name}"][...], dtype=np.float32)))
 
     def _transform(self) -> torch.Tensor | None:
         """A factored codec's fitted (d, d) transform, if it uses one; the opened store's codec gets it too,
         so it can encode more shards (resume) exactly as the first ones."""
         if self.codec.name != "factored" or not getattr(self.codec, "uses_transform", False):
             return None
-        if not {"transform", "encode_transform"} <= set(self._root[HEAD_GROUP].array_keys()):
-            raise StoreCorruptError(f"{self.location}: codec {self.codec} needs {HEAD_GROUP}/transform "
-                                    "and encode_transform")
         transform = self._head_array("transform")
         self.codec.enc_DD, self.codec.dec_DD = self._head_array("encode_transform"), transform
         return transform
+
+    def head_problems(self, expected: dict) -> dict[str, str]:
+        """What of the stored head is unreadable or differs from `expected` (create_store's head dict: the teacher's
+        head, in any dtype), part -> why: "zarr.json" (the attributes), "weight", "bias", "transform" (both
+        transforms, read and checked for shape and finite values: nothing else says what they must be). The
+        stored weight is compared a block of rows at a time, never held whole."""
+        problems: dict[str, str] = {}
+
+        def check(part: str, compare) -> None:
+            try:
+                why = compare()
+            except HeadCorruptError as e:
+                why = e.why
+            if why:
+                problems[part] = why
+
+        def attrs_differ() -> str | None:
+            got, want = self._head_attrs(), head_attrs(expected)
+            if "bias" not in got:  # a store from before that attribute: its arrays say
+                del want["bias"]
+            return None if got == want else f"holds the attributes {got}, the teacher's are {want}"
+
+        check("zarr.json", attrs_differ)
+        check("weight", lambda: self._head_rows_differ("weight", expected["weight"]))
+        check("bias", lambda: self._head_rows_differ("bias", expected.get("bias")))
+        if getattr(self.codec, "uses_transform", False):
+            check("transform", self._transform_problem)
+        return problems
+
+    def _head_rows_differ(self, name: str, want) -> str | None:
+        arr = self._head_read(name, lambda: self._root.get(f"{HEAD_GROUP}/{name}"))  # None: absent
+        if want is None or arr is None:
+            return None if want is None and arr is None else ("is missing" if arr is None else
+                                                             "is there, and the teacher's head has none")
+        if tuple(arr.shape) != tuple(want.shape):
+            return f"has shape {tuple(arr.shape)}, the teacher's {tuple(want.shape)}"
+        step = max(1, (64 << 20) // (4 * int(np.prod(arr.shape[1:], dtype=np.int64))))
+        for a in range(0, arr.shape[0], step):
+            got = self._head_read(name, lambda: np.asarray(arr[a:a + step]))
+            rows = want[a:a + step]
+            rows = (rows.detach().float().cpu().numpy() if isinstance(rows, torch.Tensor) else
+                    np.asarray(rows, dtype=np.float32))
+            if not np.array_equal(got, rows):
+                return f"differs from the teacher's (rows {a}-{min(a + step, arr.shape[0]) - 1})"
+        return None
+
+    def _transform_problem(self) -> str | None:
+        got = self._transform()
+        d = self.hidden_size
+        if tuple(got.shape) != (d, d) or tuple(self.codec.enc_DD.shape) != (d, d):
+            return f"has shape {tuple(got.shape)}, expected {(d, d)}"
+        if not (torch.isfinite(got).all() and torch.isfinite(self.codec.enc_DD).all()):
+            return "holds NaN/inf"
+        return None
+
+    def forget_head(self) -> None:
+        """Drop the head read so far (after `writer.rewrite_head`): it is read afresh when next used, the codec's
+        transforms now."""
+        self._head = None
+        self._device_heads.clear()
+        self._transform()
 
     def head_on(self, device) -> Head | None:
         """The head on `device` with any transform folded in, made once per device (a training run moves it
@@ -428,9 +513,11 @@ def open_group(path_or_url, mode: str, storage_options: dict | None = None) -> z
 
 
 def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None,
-               load_head: bool = True) -> LogitStore:
+               load_head: bool = True, check_head: bool = True) -> LogitStore:
     """Open a store at a local path or fsspec URL (memory://, s3:// with s3fs); mode 'r' or 'r+'.
-    load_head=False defers reading a factored store's (V, d) head until it is used (a writer never does)."""
+    load_head=False defers reading a factored store's (V, d) head until it is used (a writer never does).
+    check_head=False (with load_head=False) opens a store whose head is damaged, leaving the head group unread
+    until used: what `teacher-logits --repair` rewrites it through."""
     if mode not in ("r", "r+"):
         raise ValueError(f"open_store: mode must be 'r' or 'r+', got {mode!r}")
     try:
@@ -439,7 +526,7 @@ def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None
             zarr.errors.ContainsArrayError) as e:
         raise NotAStoreError(f"{path_or_url} is not a distill-pipe logit store ({type(e).__name__}): "
                              "check the path, or create it with `distill-pipe teacher-logits`") from None
-    return LogitStore(root, str(path_or_url), mode, load_head=load_head)
+    return LogitStore(root, str(path_or_url), mode, load_head=load_head, check_head=check_head)
 
 
 class _RowsAt:

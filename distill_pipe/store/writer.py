@@ -7,6 +7,7 @@ trusts only that flag.
 
 from __future__ import annotations
 
+import errno
 import queue
 import threading
 from datetime import datetime, timezone
@@ -15,13 +16,13 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 from distill_pipe import __version__
 from distill_pipe.store.codecs import Codec, make_codec
+from distill_pipe.store.codecs.base import zstd_crc
 from distill_pipe.store.format import (DONE_ARRAY, FORMAT_NAME, HEAD_GROUP, INPUT_IDS_ARRAY, MASKED_FORMAT_VERSION,
-                                       TARGET_MASK_ARRAY, StoreError, inner_chunk_len, num_shards_for,
+                                       TARGET_MASK_ARRAY, StoreError, head_attrs, inner_chunk_len, num_shards_for,
                                        payload_keep, shard_key)
 from distill_pipe.store.reader import LogitStore, open_group, open_store
 
@@ -103,21 +104,14 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
                          "pass overwrite=True") from None
 
     if codec.name == "factored":
-        g = root.create_group(HEAD_GROUP)
-        rows = max(1, min(vocab_size, 2**20 // (4 * hidden_size)))
-        w = g.create_array("weight", shape=(vocab_size, hidden_size), dtype=np.float32, chunks=(rows, hidden_size),
-                           compressors=ZstdCodec(level=3))
-        block = rows * max(1, (64 << 20) // (4 * hidden_size * rows))  # ~64 MB of float32 per write
-        for start in range(0, vocab_size, block):
-            w[start:start + block] = _np(weight[start:start + block]).astype(np.float32)
+        g = root.create_group(HEAD_GROUP, attributes=head_attrs(head))
+        write_head_weight(g, weight)
         if bias is not None:
-            g.create_array("bias", data=bias, compressors=ZstdCodec(level=3))
+            write_head_array(g, "bias", bias)
         transforms = codec.transforms(hidden_size)
         if transforms is not None:
-            g.create_array("encode_transform", data=transforms[0].numpy())
-            g.create_array("transform", data=transforms[1].numpy())
-        g.attrs.update({"final_logit_softcapping": head.get("final_logit_softcapping"),
-                        "logit_scale": head.get("logit_scale")})
+            write_head_array(g, "encode_transform", transforms[0].numpy())
+            write_head_array(g, "transform", transforms[1].numpy())
 
     split_attrs = {}
     for name, input_ids in ids.items():
@@ -126,13 +120,13 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
         split_attrs[name] = {"num_sequences": n, "num_shards": k}
         g = root.create_group(name)
         z = g.create_array(INPUT_IDS_ARRAY, shape=(n, seq_len), dtype=np.int32, chunks=(max(1, min(n, shard_size)), seq_len),
-                           compressors=ZstdCodec(level=3))
+                           compressors=zstd_crc())
         step = max(1, min(n, shard_size)) * max(1, (4 << 20) // (4 * seq_len * max(1, min(n, shard_size))))
         for start in range(0, n, step):
             z[start:start + step] = np.asarray(input_ids[start:start + step]).astype(np.int32)
         if masks:
             zm = g.create_array(TARGET_MASK_ARRAY, shape=(n, seq_len), dtype=np.uint8,
-                                chunks=(max(1, min(n, shard_size)), seq_len), compressors=ZstdCodec(level=3))
+                                chunks=(max(1, min(n, shard_size)), seq_len), compressors=zstd_crc())
             for start in range(0, n, step):
                 zm[start:start + step] = (np.asarray(masks[name][start:start + step]) != 0).astype(np.uint8)
         for pname, spec in specs.items():
@@ -155,8 +149,63 @@ def create_store(path_or_url, *, attrs: dict, splits: dict[str, np.ndarray], cod
     return store
 
 
+# The head's arrays and input_ids carry a crc32c like the payload: without one, damaged zstd bytes of float32
+# rows (stored nearly raw) read back as other numbers, and a store would train on a wrong head without a word.
+def write_head_weight(g: zarr.Group, weight) -> None:
+    """head/weight (V, d) float32 from `weight` (any dtype, torch or numpy), ~64 MB of rows per write: a teacher's
+    head in bf16 is never copied whole to float32."""
+    vocab_size, hidden_size = weight.shape
+    rows = max(1, min(vocab_size, 2**20 // (4 * hidden_size)))
+    w = g.create_array("weight", shape=(vocab_size, hidden_size), dtype=np.float32, chunks=(rows, hidden_size),
+                       compressors=zstd_crc(), overwrite=True)
+    block = rows * max(1, (64 << 20) // (4 * hidden_size * rows))
+    for start in range(0, vocab_size, block):
+        w[start:start + block] = _np(weight[start:start + block]).astype(np.float32)
+
+
+def write_head_array(g: zarr.Group, name: str, data: np.ndarray) -> None:
+    """A small head array (bias, transforms), replacing any old one."""
+    g.create_array(name, data=np.asarray(data, dtype=np.float32), compressors=zstd_crc(), overwrite=True)
+
+
+def rewrite_head(store: LogitStore, head: dict, parts) -> None:
+    """Rewrite `parts` of a factored store's head (`LogitStore.head_problems`' names) from `head` (create_store's
+    head dict, the teacher's), leaving the other parts as they are: "zarr.json" (the attributes; written without
+    touching the arrays beside it), "weight", "bias", "transform" (a rotation's, made again from its seed: the same
+    bits with the same LAPACK, else a rotation that differs at float32 rounding; klt-int8's cannot be made again:
+    the caller refuses)."""
+    if store.mode == "r":
+        raise ValueError(f"{store.location} is open read-only; open it with mode='r+' to write")
+    root = store._root
+    if "zarr.json" in parts:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.group import GroupMetadata
+
+        for key, buf in GroupMetadata(attributes=head_attrs(head)).to_buffer_dict(default_buffer_prototype()).items():
+            sync((root.store_path / HEAD_GROUP / key).set(buf))
+    g = root[HEAD_GROUP]
+    if "weight" in parts:
+        write_head_weight(g, head["weight"])
+    if "bias" in parts:
+        if head.get("bias") is None:
+            sync((root.store_path / HEAD_GROUP / "bias").delete_dir())
+        else:
+            write_head_array(g, "bias", _np(head["bias"]))
+    if "transform" in parts:
+        if store.codec.params.get("hidden_dtype") == "klt-int8":
+            raise StoreError(f"{store.location}: klt-int8's transforms cannot be rebuilt")
+        enc, dec = make_codec(store.codec.name, **store.codec.params).transforms(store.hidden_size)
+        write_head_array(g, "encode_transform", enc.numpy())
+        write_head_array(g, "transform", dec.numpy())
+    store.forget_head()
+
+
 def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
     """Write shard k's payload (name -> (n_k, L, ...) for the whole shard), then mark it done.
+
+    The shard's old objects are deleted first (`clear_shard`): zarr reads a shard object before rewriting it
+    (to keep inner chunks not written), so a damaged one left by a kill or a full disk would fail the write
+    that replaces it.
 
     In a store with a target mask, the payload's rows at positions that predict no target are overwritten
     in place (the caller's arrays/tensors included) with each array's `masked_fill` (zeros by default)."""
@@ -174,6 +223,7 @@ def write_shard(store: LogitStore, split: str, k: int, payload: dict) -> None:
         if a.shape != want or a.dtype != spec.dtype:
             raise ValueError(f"{split} shard {k}: {name} is {a.shape} {a.dtype}, expected {want} {spec.dtype}")
         arrays[name] = a
+    clear_shard(store, split, k)
     mask = store.target_mask(split)
     if mask is not None:
         # Positions that predict no target hold a constant (zeros, or the codec's masked_fill): zstd stores
@@ -204,6 +254,18 @@ def rewrite_input_ids(store: LogitStore, split: str, k: int, rows: np.ndarray) -
     sync(arr.store_path.store.delete(shard_key(arr.path, k, arr.ndim)))
     start, stop = store.shard_range(split, k)
     arr[start:stop] = rows.astype(np.int32)
+
+
+def write_error(store: LogitStore, split: str, e: BaseException) -> StoreError:
+    """The one-line error for a failed shard write, naming the fix; the shards finished before it are kept."""
+    what = f"writing {split} shards of {store.location} failed ({type(e).__name__}: {e})"
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) == errno.EROFS:
+        fix = "make it writable (or set paths.logits to a writable location)"
+    elif isinstance(e, OSError):  # a full disk, a file too large, a lost mount
+        fix = "free space (or fix the storage)"
+    else:
+        fix = "check the storage"
+    return StoreError(f"{what}; {fix} and rerun `distill-pipe teacher-logits`: the finished shards are kept")
 
 
 class ShardWriter:
@@ -241,11 +303,7 @@ class ShardWriter:
 
     def _raise_error(self) -> None:
         if self._error is not None:
-            if isinstance(self._error, OSError):  # a full disk, a lost mount: the user can act on it
-                raise StoreError(f"writing {self.split} shards of {self.store.location} failed ({self._error}); "
-                                 "free space (or fix the storage) and rerun `distill-pipe teacher-logits`: the "
-                                 "finished shards are kept") from self._error
-            raise RuntimeError(f"writing {self.split} shards failed: {self._error}") from self._error
+            raise write_error(self.store, self.split, self._error) from self._error
 
     def submit(self, shard_index: int, payload: dict) -> None:
         """Queue shard `shard_index`'s payload (name -> CPU tensor/array for the whole shard)."""
@@ -272,5 +330,5 @@ class ShardWriter:
         else:  # the body's error wins; still stop the thread
             try:
                 self.close()
-            except RuntimeError:
+            except StoreError:
                 pass
