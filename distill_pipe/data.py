@@ -649,7 +649,8 @@ def run_prepare(cfg: Config) -> Path:
                              "template_given": bool(d.chat_template)}
         attrs["fingerprint"] = _combine_fingerprint(attrs, {s: w.digest for s, w in writers.items()},
                                                     {s: w.mask_digest for s, w in writers.items()}
-                                                    if conversations else None)
+                                                    if conversations else None,
+                                                    {s: (w.written, d.seq_len) for s, w in writers.items()})
         root.attrs.update(attrs)  # attrs last: a group without them is not a tokens store
         _swap_in(tmp, out)
     finally:
@@ -830,25 +831,38 @@ def _fixes(d: DataConfig, corpus: dict, stats: dict, tok) -> str:
             "of data.seq_len: add text to it")
 
 
-def _combine_fingerprint(attrs: dict, digests: dict, mask_digests: dict | None = None) -> str:
-    h = hashlib.sha256(attrs["tokenizer"]["fingerprint"].encode())
+FINGERPRINT = "distill-pipe-tokens-fingerprint-v2"
+"""What `_combine_fingerprint` hashes first. v1 (until this one) hashed the rows' bytes without their shape,
+so one token stream cut at another seq_len kept its fingerprint; every v2 fingerprint differs from every
+v1 one, so a store, checkpoint or student made from v1 data is never taken for this data."""
+
+
+def _combine_fingerprint(attrs: dict, digests: dict, mask_digests: dict | None, shapes: dict) -> str:
+    """The data's identity: what the student sees, i.e. the tokenizer and per split the shape (N, L) and the
+    bytes of its rows [and of its target mask]. Any change of the data params that changes those (seq_len,
+    split, caps, format, targets, chat template, corpus, text blocks) changes it; one that does not, does not."""
+    h = hashlib.sha256(FINGERPRINT.encode() + b"\0" + attrs["tokenizer"]["fingerprint"].encode())
     for split in SPLITS:
-        h.update(split.encode() + digests[split].digest())
+        n, length = shapes[split]
+        h.update(f"\0{split}\0{int(n)}x{int(length)}\0".encode() + digests[split].digest())
         if mask_digests is not None:  # conversations: which tokens are targets is part of the data
             h.update(b"target_mask" + mask_digests[split].digest())
     return "sha256:" + h.hexdigest()[:32]
 
 
-def tokens_fingerprint(arrays: dict, attrs: dict) -> str:
-    """The data fingerprint `prepare` records, recomputed from (N, L) arrays (numpy or zarr, read in blocks)."""
-    digests = {}
-    for split in SPLITS:
-        arr, h = arrays[split], hashlib.sha256()
+def tokens_fingerprint(arrays: dict, attrs: dict, masks: dict | None = None) -> str:
+    """The data fingerprint `prepare` records, recomputed from (N, L) arrays (numpy or zarr, read in blocks):
+    `arrays` the input_ids per split, `masks` the target masks of conversations."""
+    def digest(arr, dtype):
+        h = hashlib.sha256()
         step = max(1, CHUNK_BYTES // (4 * max(1, arr.shape[1])))
         for start in range(0, arr.shape[0], step):
-            h.update(np.ascontiguousarray(arr[start:start + step], dtype=np.int32).tobytes())
-        digests[split] = h
-    return _combine_fingerprint(attrs, digests)
+            h.update(np.ascontiguousarray(arr[start:start + step], dtype=dtype).tobytes())
+        return h
+
+    return _combine_fingerprint(attrs, {s: digest(arrays[s], np.int32) for s in SPLITS},
+                                None if masks is None else {s: digest(masks[s], np.uint8) for s in SPLITS},
+                                {s: arrays[s].shape for s in SPLITS})
 
 
 def write_tokens(out: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
