@@ -136,6 +136,12 @@ def _baseline(root: Path, fmt: str) -> Path:
     set_params(root, {"kd": {"init": STUDENT_INIT}, "ce": {"init": STUDENT_INIT, "alpha": 1.0}}, max_steps=1,
                save_steps=1, eval_steps=1)
     upstream("--overwrite")
+    from distill_pipe import data
+
+    root_ = zarr.open_group(TOKENS, mode="r")  # the recorded fingerprint is recomputed from the arrays
+    masks = {s: root_[s]["target_mask"] for s in data.SPLITS} if fmt == "chat" else None
+    assert root_.attrs["fingerprint"] == data.tokens_fingerprint({s: root_[s]["input_ids"] for s in data.SPLITS},
+                                                                 root_.attrs, masks)
     for name in ("kd", "ce"):
         code, out = run_cli("train", "--student", name)
         assert code == 0, out
