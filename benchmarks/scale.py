@@ -1,8 +1,9 @@
-"""Scale: prepare's memory and speed from 10^7 to 10^8 tokens, and the teacher stage's host memory under
-torchrun with a ~0.92B-parameter teacher. Corpus and teacher are built on the spot.
+"""Scale: prepare's memory and speed from 10^7 to 10^8 tokens and on one 1 GB text file, and the teacher
+stage's host memory under torchrun with a ~0.92B-parameter teacher. Corpora and teacher are built on the spot.
 
-    python benchmarks/scale.py                          # both parts (~10^8-token corpus: ~400 MB of /tmp)
+    python benchmarks/scale.py                          # every part (~10^8-token corpus + 1 GB text: ~2.5 GB of /tmp)
     python benchmarks/scale.py --part prepare --sizes 1e7
+    python benchmarks/scale.py --part text [--text-gb 1]
     python benchmarks/scale.py --part teacher [--layers 14]
 
 prepare: the corpus is CPython's own standard library (.py files, not site-packages) as JSONL, one record per
@@ -12,6 +13,11 @@ tokens/s = tokens tokenized / that time. The version before streaming (`--baseli
 archive` of that revision in a temporary folder) runs on the 10^7 corpus in the same benchmark run, so the
 speed ratio is measured under the same load. Targets: peak RSS flat within 10% from 10^7 to 10^8 and under
 1 GB; >= 1M tokens/s; not slower than before.
+
+text: one .txt file of `--text-gb` GB (10^9 bytes) of prose, CPython's pydoc topics one after another, blank
+lines between passages, repeated until the size is reached; `prepare` with the SmolLM2 tokenizer and no caps,
+in a fresh process as above. A text file is cut into blocks of whole passages (documents) and read 4 MiB at a
+time, so its peak RSS must stay near the JSONL figures: target under 1 GB, and both splits filled.
 
 teacher: a random Llama (hidden 2048, 14 layers, MLP 5632, SmolLM2's 49,152-token tokenizer: 0.92B
 parameters) saved as bf16 safetensors, 8 + 2 sequences of 64 tokens from the same corpus, `teacher.dtype:
@@ -84,8 +90,25 @@ run_prepare(cfg)
 dt = time.perf_counter() - t
 a = zarr.open_group(cfg.paths.tokens, mode="r").attrs["splits"]
 out = {{"seconds": dt, "stream_tokens": sum(s["stream_tokens"] for s in a.values()),
-        "tokens": sum(s["tokens"] for s in a.values())}}
+        "tokens": sum(s["tokens"] for s in a.values()),
+        "splits": {{k: {{"documents": s["documents"], "tokens": s["tokens"]}} for k, s in a.items()}}}}
 """
+
+
+def build_text(path: Path, n_bytes: int) -> Path:
+    """One .txt file of ~n_bytes of prose: the pydoc topics, passages apart by blank lines, repeated."""
+    if path.exists() and path.stat().st_size >= n_bytes:
+        return path
+    from pydoc_data.topics import topics
+
+    piece = "\n\n".join(t.strip() for _, t in sorted(topics.items())).encode() + b"\n\n"
+    tmp, done = path.with_suffix(".part"), 0
+    with open(tmp, "wb") as out:
+        while done < n_bytes:
+            out.write(piece)
+            done += len(piece)
+    os.replace(tmp, path)
+    return path
 
 
 def prepare_once(code_dir: Path, work: Path, corpus: Path, name: str) -> dict:
@@ -125,6 +148,20 @@ def part_prepare(args, work: Path) -> None:
         lo, hi = results[sizes[0]], results[sizes[-1]]
         print(f"  peak RSS {sizes[-1]:.0e} / {sizes[0]:.0e}: {hi['peak_rss_bytes'] / lo['peak_rss_bytes']:.3f} "
               "(target within 1.10, under 1 GB)")
+    print(f"  (load average {os.getloadavg()[0]:.1f} at end, {len(os.sched_getaffinity(0))} usable CPUs)", flush=True)
+
+
+def part_text(args, work: Path) -> None:
+    size = int(args.text_gb * 1e9)
+    t = time.perf_counter()
+    corpus = build_text(work / f"prose-{args.text_gb:g}GB.txt", size)
+    print(f"text (one file of {corpus.stat().st_size / 1e9:.2f} GB, built in {time.perf_counter() - t:.0f} s; "
+          f"load average {os.getloadavg()[0]:.1f} at start)", flush=True)
+    r = prepare_once(REPO, work, corpus, f"one .txt file, {args.text_gb:g} GB")
+    s = r["splits"]
+    print(f"  documents (text blocks): {s['train']['documents']:,} train, {s['validation']['documents']:,} validation; "
+          f"tokens {s['train']['tokens'] / 1e6:.1f}M / {s['validation']['tokens'] / 1e6:.1f}M; peak RSS "
+          f"{r['peak_rss_bytes'] / 1e9:.2f} GB (target under 1 GB, as the JSONL corpora above)")
     print(f"  (load average {os.getloadavg()[0]:.1f} at end, {len(os.sched_getaffinity(0))} usable CPUs)", flush=True)
 
 
@@ -243,10 +280,12 @@ def part_teacher(args, work: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["prepare", "teacher", "both"], default="both")
+    ap.add_argument("--part", choices=["prepare", "text", "teacher", "both"], default="both",
+                    help="both: every part")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "distill-pipe-scale"),
                     help="corpus, teacher and outputs (kept between runs: the corpus and teacher are reused)")
     ap.add_argument("--sizes", default="1e7,1e8", help="corpus sizes in tokens, comma-separated")
+    ap.add_argument("--text-gb", type=float, default=1.0, help="size of the single text file, in GB (10^9 bytes)")
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision to compare prepare's speed with; '' for none")
     ap.add_argument("--layers", type=int, default=14, help="teacher layers (14 x 2048: 0.92B parameters)")
     ap.add_argument("--hidden", type=int, default=2048, help="teacher hidden size (MLP: 11/4 of it)")
@@ -255,6 +294,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.part in ("prepare", "both"):
         part_prepare(args, work)
+    if args.part in ("text", "both"):
+        part_text(args, work)
     if args.part in ("teacher", "both"):
         part_teacher(args, work)
 

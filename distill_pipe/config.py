@@ -82,8 +82,13 @@ class DataConfig:
     seq_len: int = 256
     """Tokens per packed sequence."""
     validation_fraction: float = 0.1
-    """Expected fraction of documents held out for validation, in (0, 1): each document goes to validation
-    when a seeded hash of its identity (file path relative to the source, record index) falls below it."""
+    """Fraction of documents held out for validation, in (0, 1), decided per document by a seeded hash of its
+    identity (file path relative to the source, record index or text block): of a .txt file's blocks, every
+    1/fraction-th one (from a seeded offset), so one text file is held out in that proportion."""
+    text_block_chars: int = 2048
+    """A .txt file is cut into documents at blank lines: blocks of whole passages of at least this many
+    characters (a smaller file is one document). Blocks that stay consecutive in a split are joined without
+    an EOS. Larger blocks give validation longer passages; smaller ones a finer split of a small corpus."""
     max_train_tokens: int | None = None
     """Cap on training tokens (whole sequences); null for all."""
     max_validation_tokens: int | None = None
@@ -118,6 +123,7 @@ class DataConfig:
         _check(self.seq_len >= 2, f"{p}.seq_len must be >= 2, got {self.seq_len}")
         _check(0 < self.validation_fraction < 1,
                f"{p}.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        _check(self.text_block_chars >= 64, f"{p}.text_block_chars must be >= 64, got {self.text_block_chars}")
         for key in ("max_train_tokens", "max_validation_tokens"):
             v = getattr(self, key)
             _check(v is None or v >= self.seq_len,

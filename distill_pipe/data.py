@@ -1,14 +1,20 @@
 """The `prepare` stage: corpus -> documents -> tokens -> packed (N, L) int32 sequences in tokens.zarr.
 
-It streams: sources yield one document at a time (files one by one; .jsonl line by line; .parquet/.csv in
-record batches; a hub dataset as an iterable), documents are tokenized in batches, and each split's
-packed rows are appended to tokens.zarr a chunk at a time. Memory is bounded by a few batches and a chunk,
-not by the corpus. Each document goes to train or validation by a seeded hash of its identity, so the
+It streams: sources yield one document at a time (files one by one; a .txt file in blocks of whole
+passages, read a few MiB at a time; .jsonl line by line; .parquet/.csv in record batches; a hub dataset as
+an iterable), documents are tokenized in batches, and each split's packed rows are appended to tokens.zarr
+a chunk at a time. Memory is bounded by a few batches and a chunk, not by the corpus or its largest file.
+Each document goes to train or validation by a seeded hash of its identity (`document_split`), so the
 split needs no view of the whole corpus; reading stops once both token caps are filled.
 
+Documents: a record (.jsonl/.json/.parquet/.csv line or row, dataset row) is one; a .txt file is cut at
+blank lines into blocks of at least `data.text_block_chars` characters (`text_blocks`), each a document
+named by the file and its block index, so one big file splits, caps and streams as many small ones do.
+
 Each split is one token stream in corpus order: per document, [BOS] if the tokenizer adds one itself,
-the document's tokens, EOS; the stream is cut into sequences of `data.seq_len` tokens and the incomplete
-last sequence is dropped.
+the document's tokens, EOS; a block that follows the file's previous block in the same split continues it
+(no EOS, no BOS between them: the text as the file has it). The stream is cut into sequences of
+`data.seq_len` tokens and the incomplete last sequence is dropped.
 
 Conversations (`data.format` chat or prompt_completion) are rendered with the teacher's chat template,
 tokenized piece by piece and packed whole, several per row, with a target mask (distill_pipe/chat.py);
@@ -31,11 +37,12 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +61,8 @@ TOKENS_FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 FILE_KINDS = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 RECORD_BATCH = 1024  # rows per .parquet/.csv/dataset batch
+READ_BYTES = 1 << 22  # a .txt file is read 4 MiB at a time
+BLOCK_LIMIT = 4  # a text block is cut at most this many times data.text_block_chars from its start
 TOKENIZE_BATCH_CHARS = 1 << 20  # characters of text per tokenizer call
 CHUNK_BYTES = 1 << 20  # tokens.zarr chunks of ~1 MiB
 
@@ -65,10 +74,13 @@ class DataError(ValueError):
 @dataclass
 class Document:
     name: str
-    """Identity: path relative to the source (+ `#record`), stable when the corpus moves; decides the split."""
+    """Identity with `index`: path relative to the source (+ `#record`), stable when the corpus moves;
+    decides the split."""
     text: str
     pieces: list[tuple[str, bool]] | None = None
     """A conversation: its rendered text as consecutive (text, is_target) pieces, tokenized one by one."""
+    index: int = 0
+    """Block of a .txt file (`text_blocks`): 0, 1, ... in file order; 0 for every other document."""
 
 
 # ---------------------------------------------------------------- corpus sources
@@ -161,7 +173,8 @@ def iter_documents(cfg: DataConfig, reader: RecordReader | None = None) -> Itera
     files, root = _corpus_files(src)
     if files is None:
         return _iter_hf_dataset(cfg, reader)
-    return (doc for path in files for doc in _iter_file(path, _relative_name(path, root), reader))
+    return (doc for path in files for doc in _iter_file(path, _relative_name(path, root), reader,
+                                                         cfg.text_block_chars))
 
 
 def load_documents(cfg: DataConfig) -> list[Document]:
@@ -201,22 +214,82 @@ def _relative_name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _decode(data: bytes, where: str) -> str:
+def _decode(data: bytes, where: str, offset: int = 0) -> str:
     """Strict UTF-8: a corpus file in another encoding (or a binary file in a corpus folder) would otherwise
-    be tokenized as replacement characters, silently training on garbage."""
+    be tokenized as replacement characters, silently training on garbage. `offset`: of `data` in its file."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where} is not valid UTF-8 (byte {e.start}: {data[e.start:e.start + 4]!r}); convert it "
-                        "(e.g. `iconv -f latin1 -t utf-8`) or remove it from the corpus") from None
+        raise DataError(f"{where} is not valid UTF-8 (byte {offset + e.start}: {data[e.start:e.start + 4]!r}); "
+                        "convert it (e.g. `iconv -f latin1 -t utf-8`) or remove it from the corpus") from None
 
 
-def _iter_file(path: Path, name: str, reader: RecordReader) -> Iterator[Document]:
+# A blank-line run: a newline, then one or more lines holding only whitespace.
+_BLANK_RUN = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+_SPACE = re.compile(r"\s")
+
+
+def text_blocks(path: Path, block_chars: int) -> Iterator[str]:
+    """A .txt file as consecutive blocks of whole passages, read READ_BYTES at a time (never whole).
+
+    A block ends after the first blank-line run that ends at least `block_chars` characters from its start;
+    when there is none within BLOCK_LIMIT * block_chars (a passage that long, text without blank lines), after
+    the first line end, else the first whitespace, past `block_chars`, else at that limit. The rest of the
+    file is the last block once it fits in the limit with no further blank-line run past `block_chars`.
+    Each cut depends only on the text from the block's start to the limit, so the blocks (and with them
+    the documents' identities) do not depend on how the file is read. Joined, the blocks are the file."""
+    limit = BLOCK_LIMIT * block_chars
+    buf, pos, eof, read, tail = "", 0, False, 0, b""  # tail: bytes of a character cut by a read
+    with open(path, "rb") as f:
+        while True:
+            while not eof and len(buf) - pos < limit:
+                raw = f.read(READ_BYTES)
+                eof = not raw
+                data = tail + raw
+                cut = len(data) - (0 if eof else _cut_character(data))  # decoded with the next read
+                data, tail = data[:cut], data[cut:]
+                buf = buf[pos:] + _decode(data, str(path), read)
+                pos, read = 0, read + len(data)
+            if pos >= len(buf):
+                return
+            end = _block_end(buf, pos, block_chars, limit, eof)
+            yield buf[pos:end]
+            pos = end
+
+
+def _cut_character(data: bytes) -> int:
+    """How many bytes at the end of `data` begin a UTF-8 character that they do not complete."""
+    for k in range(1, min(4, len(data)) + 1):
+        b = data[-k]
+        if b & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+            need = 1 if b < 0xC0 else 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return k if k < need else 0
+    return 0  # four continuation bytes: invalid, left for the decoder to report
+
+
+def _block_end(buf: str, pos: int, block_chars: int, limit: int, eof: bool) -> int:
+    """Where the block starting at `pos` ends (see `text_blocks`); buf holds `limit` characters past `pos`,
+    or the rest of the file when `eof`."""
+    stop = min(len(buf), pos + limit)
+    for m in _BLANK_RUN.finditer(buf, pos, stop):
+        if m.end() - pos >= block_chars:
+            return m.end()
+    if eof and stop == len(buf):
+        return stop
+    line = buf.find("\n", pos + block_chars - 1, stop)
+    if line >= 0:
+        return line + 1
+    space = _SPACE.search(buf, pos + block_chars - 1, stop)
+    return space.end() if space else stop
+
+
+def _iter_file(path: Path, name: str, reader: RecordReader, block_chars: int) -> Iterator[Document]:
     suffix = path.suffix.lower()
-    if suffix == ".txt":  # one document per file, read whole
-        doc = reader.to_document(name, _decode(path.read_bytes(), str(path)), str(path))
-        if doc is not None:
-            yield doc
+    if suffix == ".txt":  # one document per block of whole passages: a split and caps for one big file too
+        for k, block in enumerate(text_blocks(path, block_chars)):
+            if (doc := reader.to_document(name, block, str(path))) is not None:
+                doc.index = k
+                yield doc
         return
     if suffix == ".jsonl":
         with open(path, "rb") as f:
@@ -318,18 +391,23 @@ def _iter_hf_dataset(cfg: DataConfig, reader: RecordReader) -> Iterator[Document
 # ---------------------------------------------------------------- split, tokenize, pack
 
 
-def document_split(name: str, fraction: float, seed: int) -> str:
-    """'validation' when the seeded hash of the document's identity, as a number in [0, 1), is below
-    `fraction`: decided per document, in any order, without seeing the rest of the corpus."""
+def document_split(name: str, fraction: float, seed: int, index: int = 0) -> str:
+    """'validation' or 'train' for document `index` of `name`, decided without seeing the rest of the corpus.
+
+    u, the seeded hash of `name` as a number in [0, 1), is an offset: document `index` goes to validation
+    when frac(u + index * fraction) < fraction. For index 0 (a file, a record) that is u < fraction, a coin
+    with that weight; the blocks 0..n-1 of one text file get floor or ceil of n * fraction validation
+    blocks, evenly spaced, so a single text file is split in proportion rather than by chance."""
     h = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8).digest()
-    return "validation" if int.from_bytes(h, "big") / 2.0**64 < fraction else "train"
+    u = int.from_bytes(h, "big") / 2.0**64
+    return "validation" if (u + index * fraction) % 1.0 < fraction else "train"
 
 
 def split_documents(docs: list[Document], fraction: float, seed: int) -> dict[str, list[Document]]:
     """Documents grouped by `document_split`, each split in corpus order (the order `prepare` packs them)."""
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for d in docs:
-        out[document_split(d.name, fraction, seed)].append(d)
+        out[document_split(d.name, fraction, seed, d.index)].append(d)
     return out
 
 
@@ -402,8 +480,10 @@ class SplitWriter:
 
     Also counts what went in and hashes the rows (the tokens fingerprint) as they are written."""
 
-    def __init__(self, group: zarr.Group, seq_len: int, max_tokens: int | None):
+    def __init__(self, group: zarr.Group, seq_len: int, max_tokens: int | None, eos_id: int | None = None):
         self.L = seq_len
+        self.eos = np.asarray([] if eos_id is None else [eos_id], dtype=np.int32)
+        self.open = False  # a document is in the stream whose EOS is not yet
         self.max_rows = None if max_tokens is None else max_tokens // seq_len
         self.chunk_rows = max(1, CHUNK_BYTES // (4 * seq_len))
         self.array = group.create_array("input_ids", shape=(0, seq_len), dtype="int32",
@@ -420,11 +500,16 @@ class SplitWriter:
     def full(self) -> bool:
         return self.max_rows is not None and self.rows >= self.max_rows
 
-    def add(self, ids_list: list[np.ndarray]) -> None:
-        """Append the streams of whole documents (BOS, tokens, EOS each), then write any whole chunks."""
-        for ids in ids_list:
+    def add(self, docs: list[tuple[np.ndarray, bool]]) -> None:
+        """Append documents, (tokens, continues) each, then write any whole chunks. Documents are joined by
+        EOS, and the last one ends with it; a document that `continues` the one before it (the next block of
+        a text file, both in this split) follows it directly, as in the file."""
+        for ids, continues in docs:
             if self.full:
                 return
+            if self.open and not continues:
+                ids = np.concatenate([self.eos, ids])
+            self.open = True
             self.parts.append(ids)
             self.buffered += len(ids)
             self.documents += 1
@@ -449,6 +534,9 @@ class SplitWriter:
         self.parts, self.buffered = ([rest] if len(rest) and not final else []), (len(rest) if not final else 0)
 
     def close(self) -> dict:
+        if self.open:
+            self.parts.append(self.eos)
+            self.stream_tokens += len(self.eos)
         self._flush(final=True)
         n = self.written
         return {"documents": self.documents, "stream_tokens": self.stream_tokens, "num_sequences": n,
@@ -535,10 +623,10 @@ def run_prepare(cfg: Config) -> Path:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         caps = {"train": d.max_train_tokens, "validation": d.max_validation_tokens}
         writers = {s: ChatSplitWriter(root.create_group(s), d.seq_len, caps[s], pad_id) if conversations
-                   else SplitWriter(root.create_group(s), d.seq_len, caps[s]) for s in SPLITS}
+                   else SplitWriter(root.create_group(s), d.seq_len, caps[s], tok.eos_token_id) for s in SPLITS}
         corpus = _stream(docs, writers, tok, bos, d)
         stats = {s: w.close() for s, w in writers.items()}
-        _check_splits(d, corpus, stats)
+        _check_splits(d, corpus, stats, tok)
         attrs = {
             "format": TOKENS_FORMAT,
             "format_version": TOKENS_FORMAT_VERSION if conversations else 1,
@@ -561,15 +649,16 @@ def run_prepare(cfg: Config) -> Path:
                              "template_given": bool(d.chat_template)}
         attrs["fingerprint"] = _combine_fingerprint(attrs, {s: w.digest for s, w in writers.items()},
                                                     {s: w.mask_digest for s, w in writers.items()}
-                                                    if conversations else None)
+                                                    if conversations else None,
+                                                    {s: (w.written, d.seq_len) for s, w in writers.items()})
         root.attrs.update(attrs)  # attrs last: a group without them is not a tokens store
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for split in SPLITS:
         s = stats[split]
-        log.info("%s: %d documents -> %d sequences x %d = %d tokens", split, s["documents"], s["num_sequences"],
-                 d.seq_len, s["tokens"])
+        log.info("%s: %s -> %s x %d = %d tokens", split, _count(s["documents"], "document"),
+                 _count(s["num_sequences"], "sequence"), d.seq_len, s["tokens"])
         if conversations:
             log.info("%s: %d conversations packed: %d tokens, %d of them targets (%.1f%%), and %d padding; "
                      "%d cut to data.seq_len (%d target tokens lost), %d without a target skipped", split,
@@ -582,52 +671,65 @@ def run_prepare(cfg: Config) -> Path:
 
 def _stream(docs: Iterator[Document], writers: dict[str, SplitWriter], tok, bos: int | None, d: DataConfig) -> dict:
     """Read, split, tokenize and pack until the corpus ends or every split is full; what was read."""
-    corpus = {"documents": 0, "chars": 0, "hash": hashlib.sha256(), "read_all": True}
-    eos = np.asarray([tok.eos_token_id], dtype=np.int32)
+    corpus = {"documents": 0, "bytes": 0, "hash": hashlib.sha256(), "read_all": True, "cut_files": 0,
+              "records": []}
     head = np.asarray([] if bos is None else [bos], dtype=np.int32)
+    last: dict[str, tuple[str, int]] = {}  # per split, the (name, index) of its last document
 
     def batches() -> Iterator[tuple[list, list[str]]]:
-        # key: per document, (split, None) for text, (split, is_target per piece) for a conversation
-        splits, texts, chars = [], [], 0
+        # key: per document, (split, None, continues, record) for text, (split, is_target per piece, False,
+        # record) for a conversation; record: its index in corpus["records"] (None when not kept)
+        keys, texts, chars = [], [], 0
         for doc in docs:
             if all(w.full for w in writers.values()):
                 corpus["read_all"] = False
                 break
             if not doc.text.strip():
                 continue
+            raw = doc.text.encode("utf-8")
             corpus["documents"] += 1
-            corpus["chars"] += len(doc.text)
-            corpus["hash"].update(doc.text.encode("utf-8") + b"\0")
-            split = document_split(doc.name, d.validation_fraction, d.seed)
+            corpus["bytes"] += len(raw)
+            corpus["cut_files"] += doc.index == 1
+            corpus["hash"].update(raw + b"\0")
+            split = document_split(doc.name, d.validation_fraction, d.seed, doc.index)
+            record = _keep_record(corpus, doc)
             if writers[split].full:
                 continue  # that split's cap is reached: no need to tokenize it
+            continues = doc.index > 0 and last.get(split) == (doc.name, doc.index - 1)
+            last[split] = (doc.name, doc.index)
             if doc.pieces is None:
-                splits.append((split, None))
+                keys.append((split, None, continues, record))
                 texts.append(doc.text)
             else:  # tokenized piece by piece: a target starts on a token boundary (distill_pipe/chat.py)
-                splits.append((split, [is_target for _, is_target in doc.pieces]))
+                keys.append((split, [is_target for _, is_target in doc.pieces], False, record))
                 texts.extend(text for text, _ in doc.pieces)
             chars += len(doc.text)
             if chars >= TOKENIZE_BATCH_CHARS:
-                yield splits, texts
-                splits, texts, chars = [], [], 0
+                yield keys, texts
+                keys, texts, chars = [], [], 0
         if texts:
-            yield splits, texts
+            yield keys, texts
 
     t0 = time.perf_counter()
     n_tokens = 0
     # `with`: the bar ends its line even when a bad document raises, so the error is a line of its own
     with tqdm(desc="prepare", unit="tok", unit_scale=True, dynamic_ncols=True) as bar:
-        for splits, ids_list in tokenize_batches(batches(), _Encoder(tok), d.num_proc):
+        for keys, ids_list in tokenize_batches(batches(), _Encoder(tok), d.num_proc):
             by_split: dict[str, list] = {s: [] for s in SPLITS}
             k = 0
-            for split, flags in splits:
+            for split, flags, continues, record in keys:
                 if flags is None:
-                    by_split[split].append(np.concatenate([head, ids_list[k], eos]))
+                    ids = ids_list[k]
+                    by_split[split].append((ids if continues else np.concatenate([head, ids]), continues))
+                    weight = len(ids)
                     k += 1
                 else:
-                    by_split[split].append(chat.join_pieces(ids_list[k:k + len(flags)], flags))
+                    conv = chat.join_pieces(ids_list[k:k + len(flags)], flags)
+                    by_split[split].append(conv)
+                    weight = int(conv.target_mask.any())
                     k += len(flags)
+                if record is not None and corpus["records"] is not None:
+                    corpus["records"][record][2] = weight
             for split, items in by_split.items():
                 if items:
                     writers[split].add(items)
@@ -635,48 +737,132 @@ def _stream(docs: Iterator[Document], writers: dict[str, SplitWriter], tok, bos:
             n_tokens += n
             bar.update(n)
     dt = time.perf_counter() - t0
-    log.info("read %d documents (%.1f MB) from %s%s; tokenized %d tokens in %.1f s (%.0f tokens/s)",
-             corpus["documents"], corpus["chars"] / 1e6, d.source,
-             "" if corpus["read_all"] else " (stopped: both token caps reached)", n_tokens, dt, n_tokens / max(dt, 1e-9))
+    cut = (f"; {_count(corpus['cut_files'], '.txt file')} cut at blank lines into documents of >= "
+           f"{d.text_block_chars} characters (data.text_block_chars)" if corpus["cut_files"] else "")
+    log.info("read %s (%s) from %s%s%s; tokenized %d tokens in %.1f s (%.0f tokens/s)",
+             _count(corpus["documents"], "document"), _size(corpus["bytes"]), d.source,
+             "" if corpus["read_all"] else " (stopped: both token caps reached)", cut, n_tokens, dt,
+             n_tokens / max(dt, 1e-9))
     return corpus
 
 
-def _check_splits(d: DataConfig, corpus: dict, stats: dict) -> None:
+SUGGEST_DOCS = 10_000
+"""Documents whose (name, index, weight) prepare keeps, to name a fix that works when a split is empty."""
+SUGGEST_BYTES = 1 << 20  # a text corpus up to this size is re-read with smaller blocks to find such a fix
+
+
+def _keep_record(corpus: dict, doc: Document) -> int | None:
+    records = corpus["records"]
+    if records is None:
+        return None
+    if len(records) >= SUGGEST_DOCS:  # a corpus that large does not leave a split empty by its size
+        corpus["records"] = None
+        return None
+    records.append([doc.name, doc.index, 0])  # weight: filled in once tokenized (0 if never tokenized)
+    return len(records) - 1
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+def _check_splits(d: DataConfig, corpus: dict, stats: dict, tok) -> None:
     if corpus["documents"] == 0:
         raise DataError(f"corpus {d.source} has no non-empty documents; point data.source at some text")
     if stats["train"]["documents"] == 0:
         raise DataError(f"data.validation_fraction={d.validation_fraction} leaves no training document out of "
-                        f"{corpus['documents']}; lower it or add documents")
+                        f"{corpus['documents']}; {_fixes(d, corpus, stats, tok)}")
     for split in SPLITS:
         s = stats[split]
         if s["num_sequences"] == 0 and s.get("skipped_no_target"):
             raise DataError(f"none of the {s['documents']} conversations of the {split} split has a target token "
                             "(an assistant turn); check the records' roles, or set data.targets=all")
         if s["num_sequences"] == 0:
-            raise DataError(f"the {split} split has {s['stream_tokens']} tokens ({s['documents']} documents), fewer "
-                            f"than one sequence of data.seq_len={d.seq_len}; lower data.seq_len or change "
-                            "data.validation_fraction or data.seed")
+            raise DataError(f"the {split} split has {s['stream_tokens']} tokens ({_count(s['documents'], 'document')}"
+                            f"), fewer than one sequence of data.seq_len={d.seq_len}; {_fixes(d, corpus, stats, tok)}")
 
 
-def _combine_fingerprint(attrs: dict, digests: dict, mask_digests: dict | None = None) -> str:
-    h = hashlib.sha256(attrs["tokenizer"]["fingerprint"].encode())
+def _fixes(d: DataConfig, corpus: dict, stats: dict, tok) -> str:
+    """Params that give each split at least one sequence, each checked on what was read (the documents'
+    identities and token counts): a shorter seq_len, another seed or validation_fraction, and for a small
+    corpus of text files smaller blocks; else the corpus is too small to split."""
+    text = d.format == "text"
+    need = d.seq_len - 1 if text else 1  # text: tokens (an EOS comes on top); conversations: with a target
+
+    def works(records, fraction: float, seed: int) -> bool:
+        weight = {s: 0 for s in SPLITS}
+        for name, index, w in records:
+            weight[document_split(name, fraction, seed, index)] += w
+        return all(w >= need for w in weight.values())
+
+    fixes = []
+    shortest = min(s["stream_tokens"] for s in stats.values())
+    if text and shortest >= 2:  # the split stays; rows of the shorter split's length fill it
+        fixes.append(f"data.seq_len={shortest} (or lower)")
+    records = corpus["records"]
+    if records is not None:
+        seed = next((s for s in range(d.seed + 1, d.seed + 101) if works(records, d.validation_fraction, s)), None)
+        if seed is not None:
+            fixes.append(f"data.seed={seed}")
+        grid = sorted((f for f in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5) if f != d.validation_fraction),
+                      key=lambda f: abs(f - d.validation_fraction))
+        fraction = next((f for f in grid if works(records, f, d.seed)), None)
+        if fraction is not None:
+            fixes.append(f"data.validation_fraction={fraction}")
+    if text and records is not None and corpus["bytes"] <= SUGGEST_BYTES:
+        for chars in (c for c in (1024, 512, 256, 128) if c < d.text_block_chars):
+            docs = [doc for doc in iter_documents(replace(d, text_block_chars=chars)) if doc.text.strip()]
+            if not any(doc.index for doc in docs):
+                break  # no .txt file long enough to cut
+            ids = tok([doc.text for doc in docs], add_special_tokens=False)["input_ids"]
+            if works([(doc.name, doc.index, len(x)) for doc, x in zip(docs, ids)], d.validation_fraction, d.seed):
+                fixes.append(f"data.text_block_chars={chars}")
+                break
+    if fixes:
+        return f"any of these gives both splits a sequence: {', '.join(fixes)}; or add text to the corpus"
+    return (f"the corpus ({_count(corpus['documents'], 'document')}) is too small to give both splits a sequence "
+            "of data.seq_len: add text to it")
+
+
+FINGERPRINT = "distill-pipe-tokens-fingerprint-v2"
+"""What `_combine_fingerprint` hashes first. v1 (until this one) hashed the rows' bytes without their shape,
+so one token stream cut at another seq_len kept its fingerprint; every v2 fingerprint differs from every
+v1 one, so a store, checkpoint or student made from v1 data is never taken for this data."""
+
+
+def _combine_fingerprint(attrs: dict, digests: dict, mask_digests: dict | None, shapes: dict) -> str:
+    """The data's identity: what the student sees, i.e. the tokenizer and per split the shape (N, L) and the
+    bytes of its rows [and of its target mask]. Any change of the data params that changes those (seq_len,
+    split, caps, format, targets, chat template, corpus, text blocks) changes it; one that does not, does not."""
+    h = hashlib.sha256(FINGERPRINT.encode() + b"\0" + attrs["tokenizer"]["fingerprint"].encode())
     for split in SPLITS:
-        h.update(split.encode() + digests[split].digest())
+        n, length = shapes[split]
+        h.update(f"\0{split}\0{int(n)}x{int(length)}\0".encode() + digests[split].digest())
         if mask_digests is not None:  # conversations: which tokens are targets is part of the data
             h.update(b"target_mask" + mask_digests[split].digest())
     return "sha256:" + h.hexdigest()[:32]
 
 
-def tokens_fingerprint(arrays: dict, attrs: dict) -> str:
-    """The data fingerprint `prepare` records, recomputed from (N, L) arrays (numpy or zarr, read in blocks)."""
-    digests = {}
-    for split in SPLITS:
-        arr, h = arrays[split], hashlib.sha256()
+def tokens_fingerprint(arrays: dict, attrs: dict, masks: dict | None = None) -> str:
+    """The data fingerprint `prepare` records, recomputed from (N, L) arrays (numpy or zarr, read in blocks):
+    `arrays` the input_ids per split, `masks` the target masks of conversations."""
+    def digest(arr, dtype):
+        h = hashlib.sha256()
         step = max(1, CHUNK_BYTES // (4 * max(1, arr.shape[1])))
         for start in range(0, arr.shape[0], step):
-            h.update(np.ascontiguousarray(arr[start:start + step], dtype=np.int32).tobytes())
-        digests[split] = h
-    return _combine_fingerprint(attrs, digests)
+            h.update(np.ascontiguousarray(arr[start:start + step], dtype=dtype).tobytes())
+        return h
+
+    return _combine_fingerprint(attrs, {s: digest(arrays[s], np.int32) for s in SPLITS},
+                                None if masks is None else {s: digest(masks[s], np.uint8) for s in SPLITS},
+                                {s: arrays[s].shape for s in SPLITS})
 
 
 def write_tokens(out: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:

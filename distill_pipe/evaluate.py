@@ -162,6 +162,8 @@ def check_student_lineage(name: str, folder: Path, store) -> None:
     except (OSError, ValueError, KeyError):
         raise EvaluateError(f"student {name} has no readable {folder / 'metrics.json'}; rerun "
                             f"`distill-pipe train --student {name}` (or `dvc repro`)") from None
+    from distill_pipe.train import store_shape
+
     info = store.info
     if "tokens" in trained_on:  # CE only: trained on tokens.zarr
         theirs, ours = {"data": trained_on["tokens"]}, {"data": info["data"]["fingerprint"]}
@@ -169,7 +171,15 @@ def check_student_lineage(name: str, folder: Path, store) -> None:
         theirs, ours = ({"teacher": (d.get("teacher") or {}).get("fingerprint"),
                          "data": (d.get("data") or {}).get("fingerprint"),
                          "codec": json.dumps(d.get("codec"), sort_keys=True)} for d in (trained_on, info))
+    # a student of a release that recorded no shape (its fingerprint ignored seq_len) is never taken as current
+    theirs["shape"], ours["shape"] = trained_on.get("shape"), store_shape(store)
     differ = [k for k in ours if theirs[k] != ours[k]]
+    if "data" in differ and "shape" in differ:  # the data's fingerprint covers its shape: "data" says it all
+        differ.remove("shape")
+    if differ == ["shape"] and theirs["shape"] is None:
+        raise EvaluateError(f"student {name} was trained by an earlier distill-pipe, which did not record the shape "
+                            f"of its data, so it cannot be shown to have trained on what {store.location} holds; "
+                            f"retrain it with `distill-pipe train --student {name}` (or `dvc repro`)")
     if differ:
         raise EvaluateError(f"student {name} was trained on another {'/'.join(differ)} than {store.location} "
                             f"holds, so its validation split is not held out; retrain it with `distill-pipe train "

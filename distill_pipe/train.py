@@ -127,7 +127,9 @@ def _train_identity(tc) -> dict:
 
 
 def _open_data(cfg: Config, tc) -> dict:
-    """The sequences to train on and what identifies them: the store (alpha < 1) or tokens.zarr (alpha == 1)."""
+    """The sequences to train on and what identifies them: the store (alpha < 1) or tokens.zarr (alpha == 1).
+    The identity holds the data's shape beside its fingerprint: a checkpoint or student of a release whose
+    fingerprint ignored the shape (one token stream cut at another seq_len) lacks it, so it never passes."""
     splits = ("train", "validation")
     if tc.alpha < 1:
         from distill_pipe.store.manifest import open_manifested_store
@@ -135,20 +137,23 @@ def _open_data(cfg: Config, tc) -> dict:
         # a missing split or shard raises a one-line StoreError naming the rerun that finishes it
         store = open_manifested_store(cfg.paths.logits, cfg.paths.manifest, splits)
         masks = {s: store.target_mask(s) for s in splits}
+        data = {s: store.input_ids(s) for s in splits}
         return {"kind": "teacher-logit store", "path": str(cfg.paths.logits), "store": store,
-                "data": {s: store.input_ids(s) for s in splits}, "tokenizer": store.info["tokenizer"],
+                "data": data, "tokenizer": store.info["tokenizer"],
                 "target_masks": {s: m for s, m in masks.items() if m is not None},
                 "teacher_vocab": int(store.vocab_size),
-                "identity": {k: store.info.get(k) for k in ("teacher", "tokenizer", "data", "codec")}}
+                "identity": {**{k: store.info.get(k) for k in ("teacher", "tokenizer", "data", "codec")},
+                             "shape": data_shape(data)}}
     from distill_pipe.data import open_tokens
 
     tokens = open_tokens(cfg.paths.tokens)
     attrs = dict(tokens.attrs)
+    data = {s: tokens[s]["input_ids"] for s in splits}
     check_tokens_match_store(cfg, attrs["fingerprint"])
     return {"kind": "tokens, CE only (alpha = 1)", "path": str(cfg.paths.tokens),
-            "data": {s: tokens[s]["input_ids"] for s in splits}, "tokenizer": attrs["tokenizer"],
+            "data": data, "tokenizer": attrs["tokenizer"],
             "target_masks": {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]},
-            "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"]}}
+            "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"], "shape": data_shape(data)}}
 
 
 def metrics_dir(cfg: Config, student: str) -> Path:
@@ -172,6 +177,16 @@ def check_tokens_match_store(cfg: Config, fingerprint: str) -> None:
                          f"({made_from}), so evaluation would score on sequences this student trains on; rerun "
                          "`distill-pipe teacher-logits --replace-changed` (or `dvc repro`) for the new tokens, or "
                          "rerun `distill-pipe prepare` with the data params the store was made from")
+
+
+def data_shape(arrays: dict) -> dict:
+    """{"seq_len": L, "train": N, "validation": N} of (N, L) arrays per split: part of a run's data identity."""
+    return {"seq_len": int(arrays["train"].shape[1]), **{s: int(a.shape[0]) for s, a in arrays.items()}}
+
+
+def store_shape(store) -> dict:
+    """`data_shape` of a logit store's token rows."""
+    return data_shape({s: store.input_ids(s) for s in ("train", "validation")})
 
 
 def calibration_ids(train_ids, num_tokens: int) -> np.ndarray:

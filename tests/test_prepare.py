@@ -23,13 +23,14 @@ def test_prepare_txt_folder_round_trips_text(project):
     root = zarr.open_group("stages/prepare/tokens.zarr", mode="r")
     cfg = load_config()
     tok = load_tokenizer(cfg.teacher.model)
-    docs = split_documents(load_documents(cfg.data), cfg.data.validation_fraction, cfg.data.seed)
-    assert not {d.name for d in docs["train"]} & {d.name for d in docs["validation"]}
+    all_docs = load_documents(cfg.data)
+    docs = split_documents(all_docs, cfg.data.validation_fraction, cfg.data.seed)
+    assert not {(d.name, d.index) for d in docs["train"]} & {(d.name, d.index) for d in docs["validation"]}
     for split in ("train", "validation"):
         ids = root[split]["input_ids"][:]
         assert ids.dtype == np.int32 and ids.shape[1] == 32 and len(ids) > 0
         decoded = tok.decode(ids.reshape(-1).tolist())
-        joined = "".join(d.text + tok.eos_token for d in docs[split])
+        joined = split_text(docs[split], tok.eos_token)
         # the stream is cut at the last whole sequence; a multi-byte character may be split at the cut
         assert joined.startswith(decoded[:-2])
         assert len(decoded) > 0.9 * len(joined) - 32 * 8
@@ -37,7 +38,21 @@ def test_prepare_txt_folder_round_trips_text(project):
     attrs = root.attrs
     assert attrs["seq_len"] == 32 and attrs["vocab_size"] == len(tok)
     assert attrs["tokenizer"]["fingerprint"].startswith("sha256:")
-    assert attrs["corpus"]["documents"] == 12
+    # 12 files of up to 3,000 characters: those longer than 2,048 are cut at a blank line past that
+    assert attrs["corpus"]["documents"] == len(all_docs) == 16 and max(d.index for d in all_docs) == 1
+    assert {d.name for d in all_docs} == {f"doc{i:02d}.txt" for i in range(12)}
+
+
+def split_text(docs, eos: str) -> str:
+    """A split's documents as prepare streams them: EOS after each, but none between a text block and the
+    next block of its file when both are in the split, one after the other."""
+    out, prev = [], None
+    for d in docs:
+        if prev is not None and prev != (d.name, d.index - 1):
+            out.append(eos)
+        out.append(d.text)
+        prev = (d.name, d.index)
+    return "".join(out) + eos if out else ""
 
 
 def test_prepare_is_deterministic_and_seeded(project):
@@ -74,7 +89,9 @@ def test_record_formats(project, kind):
 def test_glob_source(project):
     code, out = run("prepare", "--set", f"data.source={project}/corpus/doc0*.txt")
     assert code == 0, out
-    assert zarr.open_group("stages/prepare/tokens.zarr", mode="r").attrs["corpus"]["documents"] == 10
+    docs = load_documents(load_config(overrides=[f"data.source={project}/corpus/doc0*.txt"]).data)
+    assert {d.name for d in docs} == {f"doc0{i}.txt" for i in range(10)}  # named relative to the glob's folder
+    assert zarr.open_group("stages/prepare/tokens.zarr", mode="r").attrs["corpus"]["documents"] == len(docs)
 
 
 @pytest.fixture

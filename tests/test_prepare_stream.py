@@ -22,14 +22,19 @@ TOKENS = "stages/prepare/tokens.zarr"
 
 
 def naive_reference(docs, tok, seq_len, caps, fraction, seed, bos=None):
-    """Every document in memory, tokenized one by one, each split's stream cut whole: what prepare must equal."""
+    """Every document in memory, tokenized one by one, each split's stream cut whole: what prepare must equal.
+    A text block that follows its file's previous block in the split continues it (no EOS, no BOS between)."""
     out = {}
     for split, cap in caps.items():
-        stream = []
+        stream, prev = [], None
         for d in docs:
-            if d.text.strip() and data.document_split(d.name, fraction, seed) == split:
-                stream += ([bos] if bos is not None else []) + tok(d.text, add_special_tokens=False)["input_ids"]
-                stream.append(tok.eos_token_id)
+            if d.text.strip() and data.document_split(d.name, fraction, seed, d.index) == split:
+                if prev != (d.name, d.index - 1):
+                    stream += ([tok.eos_token_id] if prev is not None else []) + ([bos] if bos is not None else [])
+                stream += tok(d.text, add_special_tokens=False)["input_ids"]
+                prev = (d.name, d.index)
+        if prev is not None:
+            stream.append(tok.eos_token_id)
         n = len(stream) // seq_len if cap is None else min(len(stream) // seq_len, cap // seq_len)
         out[split] = np.asarray(stream[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
     return out
