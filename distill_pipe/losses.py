@@ -159,6 +159,31 @@ def hybrid_loss(
     )
 
 
+def model_loss(
+    model: torch.nn.Module,
+    input_ids_BL: torch.Tensor,
+    targets_BL: torch.Tensor,
+    teacher_logits_fn: TeacherLogitsFn | None,
+    *,
+    vocab_size: int | None,
+    alpha: float,
+    temperature: float,
+    chunk_size: int | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> LossSums:
+    """hybrid_loss of a causal LM student on one micro-batch (the trainer's and the public API's entry point).
+
+    input_ids_BL, targets_BL: (B, L) on the model's device (targets IGNORE_INDEX where excluded);
+    vocab_size: the logits compared (the student's and teacher's are sliced to it; None: all of them);
+    teacher_logits_fn over the flattened positions [start, end) of this micro-batch (None iff alpha == 1).
+    """
+    logits_BLV = model(input_ids=input_ids_BL, use_cache=False).logits
+    V = vocab_size or logits_BLV.shape[-1]
+    return hybrid_loss(logits_BLV.flatten(0, 1)[:, :V], targets_BL.flatten(), teacher_logits_fn, alpha=alpha,
+                       temperature=temperature, chunk_size=chunk_size, divergence=divergence, beta=beta)
+
+
 def _weighted_sums(
     student_logits_NV: torch.Tensor,
     targets_N: torch.Tensor,

@@ -31,7 +31,7 @@ from distill_pipe import distributed as dd
 from distill_pipe.checkpoint import CheckpointError, Checkpointer  # noqa: F401 - CheckpointError re-exported
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo, fsdp_modules
-from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, hybrid_loss,
+from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, model_loss,
                                 shift_for_next_token)
 from distill_pipe.metrics import History
 from distill_pipe.prefetch import HostTokens, MicroBatchPlan, MicroBatchStream, PendingBatch, host_tokens
@@ -478,7 +478,7 @@ class DistillTrainer(Trainer):
         check_store_divergence(store, cfg)
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size or _output_vocab(model)
         # The factored head (a fitted transform folded in) goes to the device once per run, not per micro-batch.
         self._head = store.head_on(self.device) if hasattr(store, "head_on") else None
 
@@ -497,10 +497,6 @@ class DistillTrainer(Trainer):
         return tb.to(self.device, non_blocking=self._pin, head=self._head)
 
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossSums:
-        logits_BLV = model(input_ids=batch.input_ids_BL, use_cache=False).logits
-        V = self.vocab_size or logits_BLV.shape[-1]
-        logits_NV = logits_BLV.flatten(0, 1)[:, :V]
-        targets_N = batch.targets_BL.flatten()
         teacher_fn = None
         if self.cfg.alpha < 1 and batch.num_tokens == 0:  # a padding batch: no position reads the teacher
             teacher_fn = _no_teacher
@@ -510,15 +506,24 @@ class DistillTrainer(Trainer):
                 t0 = time.perf_counter()
                 tb = self.teacher_to_device(self.store.teacher_batch(batch.split, batch.indices))
                 self.inline_read_seconds += time.perf_counter() - t0
+            teacher_fn = teacher_targets_fn(tb, self.cfg.temperature, self.vocab_size)
+        return model_loss(model, batch.input_ids_BL, batch.targets_BL, teacher_fn, vocab_size=self.vocab_size,
+                          alpha=self.cfg.alpha, temperature=self.cfg.temperature,
+                          chunk_size=self.cfg.loss_chunk_size, divergence=self.cfg.divergence, beta=self.cfg.beta)
 
-            def teacher_fn(start: int, end: int) -> torch.Tensor | SparseTargets:
-                if tb.codec.sparse:  # a few ids per position, gathered from the student's log-probs: no (N, V)
-                    return tb.sparse_targets(start, end, self.cfg.temperature).within_vocab(V)
-                return tb.logits(start, end)[:, :V]
 
-        return hybrid_loss(logits_NV, targets_N, teacher_fn, alpha=self.cfg.alpha,
-                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size,
-                           divergence=self.cfg.divergence, beta=self.cfg.beta)
+def teacher_targets_fn(tb, temperature: float, vocab_size: int | None):
+    """The loss's teacher function over one micro-batch's teacher payload (store.teacher_batch, on the device):
+    (start, end) -> (C, V) logits sliced to the compared vocabulary, or SparseTargets for sparse codecs."""
+
+    def teacher_fn(start: int, end: int) -> torch.Tensor | SparseTargets:
+        if tb.codec.sparse:  # a few ids per position, gathered from the student's log-probs: no (N, V)
+            t = tb.sparse_targets(start, end, temperature)
+            return t if vocab_size is None else t.within_vocab(vocab_size)
+        logits = tb.logits(start, end)
+        return logits if vocab_size is None else logits[:, :vocab_size]
+
+    return teacher_fn
 
 
 def check_store_temperature(store, cfg: TrainConfig) -> None:
@@ -535,6 +540,12 @@ def check_store_divergence(store, cfg: TrainConfig) -> None:
     problem = store.codec.check_divergence(cfg.divergence, cfg.beta) if store is not None and cfg.alpha < 1 else None
     if problem:
         raise ConfigError(problem)
+
+
+def _output_vocab(model: nn.Module) -> int | None:
+    """The rows of a model's output head (its logits' last dimension), None when it has no HF output head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is None else head.weight.shape[0]
 
 
 def _no_teacher(start: int, end: int) -> torch.Tensor:
