@@ -19,43 +19,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from distill_pipe import distributed as dd
+from distill_pipe.batches import Batch, BatchSource
 from distill_pipe.checkpoint import CheckpointError, Checkpointer  # noqa: F401 - CheckpointError re-exported
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo, fsdp_modules
-from distill_pipe.losses import (IGNORE_INDEX, LossSums, SparseTargets, count_targets, model_loss,
-                                shift_for_next_token)
+from distill_pipe.losses import LossSums, SparseTargets, model_loss
 from distill_pipe.metrics import History
-from distill_pipe.prefetch import HostTokens, MicroBatchPlan, MicroBatchStream, PendingBatch, host_tokens
+from distill_pipe.prefetch import MicroBatchPlan, PendingBatch
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class Batch:
-    """One micro-batch of whole sequences of one split."""
-
-    split: str
-    indices: list[int]
-    """Sequence indices in the split, in row order of input_ids_BL."""
-    input_ids_BL: torch.Tensor  # (B, L) int64 on the training device
-    targets_BL: torch.Tensor  # (B, L) int64, IGNORE_INDEX where not counted
-    count: int | None = None
-    """Counted targets when known from the CPU copy (read ahead: no device sync); None: counted here."""
-    teacher: object | None = None
-    """The teacher payload on the training device when it was read ahead (a TeacherBatch), else None."""
-
-    @property
-    def num_tokens(self) -> int:
-        return self.count if self.count is not None else count_targets(self.targets_BL)
-
 
 @dataclass
 class EarlyStopping:
@@ -100,20 +80,18 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def read_rows(array, indices: Sequence[int]) -> np.ndarray:
-    """Rows `indices` (any order) of an (N, L) numpy or zarr array, read without loading the rest."""
-    idx = np.asarray(indices, dtype=np.int64)
-    if isinstance(array, np.ndarray):
-        return array[idx]
-    order = np.argsort(idx, kind="stable")
-    uniq, inverse = np.unique(idx[order], return_inverse=True)
-    rows = np.asarray(array.oindex[uniq, :]) if hasattr(array, "oindex") else np.stack([array[int(i)] for i in uniq])
-    out = np.empty((len(idx), rows.shape[1]), dtype=rows.dtype)
-    out[order] = rows[inverse]
-    return out
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """The run's AdamW (weight decay on matrices only) and its warmup + cosine LambdaLR over total_steps."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
 
 
-class Trainer:
+class Trainer(BatchSource):
     """Training loop over whole sequences; subclasses implement `compute_loss`.
 
     data: {"train": (N, L) int array, "validation": (M, L) int array} (numpy or zarr), the token ids.
@@ -162,14 +140,7 @@ class Trainer:
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.info.world_size
         self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps))
+        self.optimizer, self.scheduler = make_optimizer(model, cfg, self.total_steps)
         self.early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.step = 0
         self.tokens_seen = 0
@@ -186,82 +157,6 @@ class Trainer:
     def compute_loss(self, model: nn.Module, batch: Batch) -> LossSums:
         """Loss SUMS of one micro-batch (never divided by a count: the trainer normalises)."""
         raise NotImplementedError
-
-    def make_targets(self, input_ids_BL: torch.Tensor, split: str, indices: list[int]) -> torch.Tensor:
-        """Next-token targets (B, L), IGNORE_INDEX where the split's target mask says the next token is not a
-        target; override to exclude more positions (they leave the count too)."""
-        targets_BL = shift_for_next_token(input_ids_BL)
-        mask = self.target_masks.get(split)
-        if mask is not None:
-            mask_BL = torch.from_numpy(read_rows(mask, indices)).to(targets_BL.device)
-            targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
-        return targets_BL
-
-    # ------------------------------------------------------------------ data order
-
-    def step_indices(self, step: int) -> list[int]:
-        """The global batch of optimizer step `step`: depends on the seed and the global batch size only."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.num_train)
-        return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
-
-    def micro_batches(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[Batch]:
-        """This rank's micro-batches of a global batch: micro-batch k = indices[k*b:(k+1)*b] goes to
-        rank k % world. Every rank gets the same number; a rank short of data gets a padding batch
-        (one sequence, no counted token) so FSDP's collectives stay in lockstep."""
-        return [self.padding_batch(p.split, p.indices[0]) if p.padding else self.make_batch(p.split, list(p.indices))
-                for p in self.micro_batch_plans(split, indices, micro_steps)]
-
-    def micro_batch_plans(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[MicroBatchPlan]:
-        """What `micro_batches` reads, without reading it (the read-ahead stream loads these)."""
-        b, world, rank = self.cfg.batch_size, self.info.world_size, self.info.rank
-        n_micro = micro_steps or max(1, math.ceil(len(indices) / (b * world)))
-        out = []
-        for m in range(n_micro):
-            k = m * world + rank
-            part = indices[k * b:(k + 1) * b]
-            out.append(MicroBatchPlan(split, tuple(part)) if part else MicroBatchPlan(split, (indices[0],), True))
-        return out
-
-    def make_batch(self, split: str, indices: list[int]) -> Batch:
-        ids_BL = torch.from_numpy(read_rows(self.data[split], indices).astype(np.int64)).to(self.device)
-        return Batch(split, list(indices), ids_BL, self.make_targets(ids_BL, split, list(indices)).to(self.device))
-
-    def padding_batch(self, split: str, index: int) -> Batch:
-        batch = self.make_batch(split, [index])
-        batch.targets_BL.fill_(IGNORE_INDEX)
-        return batch
-
-    # ------------------------------------------------------------------ reading ahead (train.prefetch)
-
-    def load_tokens(self, plan: MicroBatchPlan) -> HostTokens:
-        """Runs in a read-ahead thread: token rows and targets on the CPU, pinned for an async copy."""
-        return host_tokens(plan, read_rows(self.data[plan.split], list(plan.indices)), self.make_targets, self._pin)
-
-    def teacher_loader(self) -> Callable[[MicroBatchPlan], object] | None:
-        """What else a micro-batch reads ahead (subclasses: the teacher payload); None for nothing."""
-        return None
-
-    def teacher_to_device(self, payload):
-        return payload
-
-    def open_stream(self, steps) -> MicroBatchStream | None:
-        """Read-ahead of `steps` (an iterator of (split, indices, micro_steps)); None when train.prefetch is 0."""
-        if not self.cfg.prefetch:
-            return None
-        plans = (self.micro_batch_plans(split, idx, micro) for split, idx, micro in steps)
-        return MicroBatchStream(plans, self.load_tokens, self.teacher_loader(), depth=self.cfg.prefetch)
-
-    def materialize(self, batch: Batch | PendingBatch) -> Batch:
-        """A read-ahead micro-batch on the device (non-blocking copies from pinned memory); a Batch as is."""
-        if isinstance(batch, Batch):
-            return batch
-        host = batch.tokens()
-        payload = batch.teacher()
-        nb = self._pin
-        return Batch(host.plan.split, list(host.plan.indices), host.input_ids_BL.to(self.device, non_blocking=nb),
-                     host.targets_BL.to(self.device, non_blocking=nb), count=host.num_tokens,
-                     teacher=None if payload is None else self.teacher_to_device(payload))
 
     # ------------------------------------------------------------------ steps
 
