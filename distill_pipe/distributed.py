@@ -150,5 +150,11 @@ def fsdp_wrap(model: nn.Module, param_dtype: torch.dtype | None, reshard_after_f
     ignored = None
     if inference:
         ignored = {p for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
-    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+    # Training: the root unit (embeddings, final norm, output head) stays gathered from its forward to the end of
+    # its backward, torch's own default for the root. The fused loss runs inside the root's forward in place of
+    # the head (student_head.run_head) and returns no tensor through it, so no pre-backward hook would gather the
+    # root again: the head is gathered once per micro-batch and its gradient reduce-scattered at the end of
+    # backward with the rest of the root.
+    fully_shard(model, mp_policy=root_mp, reshard_after_forward=reshard_after_forward if inference else False,
+                ignored_params=ignored)
     return model

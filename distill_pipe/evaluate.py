@@ -23,6 +23,7 @@ from distill_pipe.config import Config
 from distill_pipe.losses import IGNORE_INDEX, default_chunk_size, shift_for_next_token
 from distill_pipe.prefetch import MicroBatchPlan, MicroBatchStream, host_tokens
 from distill_pipe.store.manifest import open_manifested_store
+from distill_pipe.student_head import head_spec, run_head
 
 log = logging.getLogger(__name__)
 SPLIT = "validation"
@@ -38,6 +39,8 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     """Sums over the validation targets, normalised once at the end. model=None scores the teacher itself.
 
     vocab_size: the logits compared (the tokenizer's size when a model pads its vocabulary, as in training).
+    A student's logits are formed chunk by chunk from its last hidden states and its head (student_head.py), in
+    fp32: no (N, V) tensor of the student exists.
     A store that drops tokens (dense-u8's tail) gives some targets zero teacher probability: model=None then
     sums CE over the other targets only and counts them in zero_prob_targets (run_evaluate marks that
     perplexity as not comparable).
@@ -58,6 +61,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     pin = device.type == "cuda"
     chunk = chunk or default_chunk_size(vocab_size, device)
     head = store.head_on(device)
+    spec = None if model is None else head_spec(model, vocab_size)
     ids = store.input_ids(SPLIT)
     # kl, -ce over finite targets, top-1 agreements, finite targets, zero-probability targets
     acc = torch.zeros(5, dtype=torch.float64, device=device)
@@ -74,11 +78,10 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
             teacher = pending.teacher().to(device, non_blocking=pin, head=head)
             ids_BL = host.input_ids_BL.to(device, non_blocking=pin)
             targets_N = host.targets_BL.reshape(-1)  # on the CPU: which positions count needs no device sync
-            student_NV = None
-            if model is not None:
+            hidden_Nd = None
+            if model is not None:  # the last hidden states; each chunk's logits are formed from them below
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    student_NV = model(ids_BL).logits
-                student_NV = student_NV.float().reshape(len(targets_N), -1)
+                    hidden_Nd, W_Vd, b_V = run_head(model, ids_BL, lambda h, w, b: (h.flatten(0, 1), *spec.prepare(w, b)))
             for a in range(0, len(targets_N), chunk):
                 b = min(a + chunk, len(targets_N))
                 keep = targets_N[a:b] != IGNORE_INDEX
@@ -87,7 +90,8 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
                 keep_dev = keep.to(device, non_blocking=pin)
                 t = targets_N[a:b][keep].to(device, non_blocking=pin)
                 t_logp = torch.log_softmax(teacher.logits(a, b)[keep_dev][:, :vocab_size], -1)
-                s_logp = t_logp if student_NV is None else torch.log_softmax(student_NV[a:b][keep_dev][:, :vocab_size], -1)
+                s_logp = t_logp if hidden_Nd is None else torch.log_softmax(
+                    spec.logits(hidden_Nd[a:b][keep_dev], W_Vd, b_V), -1)
                 p = t_logp.exp()
                 tgt = s_logp.gather(1, t[:, None]).squeeze(1)
                 finite = torch.isfinite(tgt)

@@ -9,14 +9,20 @@ M counted positions (target != IGNORE_INDEX), C rows of one chunk.
 
 For one position with student logits z (V,), target y and teacher logits t (V,), at temperature T:
 
-    loss  = alpha * CE(z, y) + (1 - alpha) * T^2 * KL(softmax(t/T) || softmax(z/T))
-    dloss/dz = alpha * (softmax(z) - onehot(y)) + (1 - alpha) * T * (softmax(z/T) - softmax(t/T))
+    loss  = alpha * CE(z, y) + (1 - alpha) * T^2 * D(softmax(t/T), softmax(z/T))     (D: train.divergence)
 
-The forward pass walks the counted positions in chunks, computes both terms and that gradient in
-fp32, and stores the gradient in the student logits' dtype; backward only scales it. So each teacher
-chunk is formed exactly once (the factored codec pays a matmul per chunk), and the extra memory is
-O(C*V) fp32 plus one (N, V) gradient in the student dtype: never a full (N, V) fp32 tensor.
-A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
+The student's logits are never formed whole: `model_loss` runs the student's forward up to its last hidden
+states h (N, d) and hands them, with its output head (weight (P, d), bias; student_head.py), to `head_loss`,
+which walks the counted positions in chunks of C rows. Per chunk it forms z = head(h_C) in fp32, computes CE,
+the divergence and dloss/dz (divergences.chunk_terms), and folds that gradient straight into fp32 gradients
+w.r.t. h (N, d) and the head's weight (P, d) and bias, the chain rule of the head applied in the chunk:
+
+    dloss/dh_C = g_C W,   dloss/dW += g_C^T h_C,   dloss/db += sum_c g_c     (g: dloss/d(h W^T + b))
+
+Backward only scales these. So each teacher chunk is formed exactly once (the factored codec pays a matmul
+per chunk), and the loss holds O(C*V) fp32 temporaries (about five at its peak) plus the (N, d) and (P, d)
+gradients: no (N, V) tensor exists, forward or backward, in any dtype (the cost of the head's three matmuls
+is unchanged). A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
 
 Sparse targets (`sampled`, `topk` stores): the teacher function returns `SparseTargets` instead of (C, V)
 logits; the divergence is then gathered from the student's log-probs in the same chunk pass, so no (N, V) or
@@ -34,6 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from distill_pipe.divergences import SparseTargets, check_divergence, chunk_terms
+from distill_pipe.student_head import HeadSpec, head_spec, run_head
 
 IGNORE_INDEX = -100
 """Target value of positions excluded from every term and from the token count."""
@@ -110,55 +117,6 @@ def check_hparams(alpha: float, temperature: float) -> None:
         raise ValueError(f"train.temperature must be > 0 (and finite), got {temperature}")
 
 
-def ce_sum(
-    student_logits_NV: torch.Tensor, targets_N: torch.Tensor, chunk_size: int | None = None
-) -> tuple[torch.Tensor, int]:
-    """(differentiable scalar fp32 CE sum over counted positions, number of counted positions)."""
-    sums = _weighted_sums(student_logits_NV, targets_N, None, 1.0, 0.0, 1.0, chunk_size)
-    return sums.loss, sums.num_tokens
-
-
-def kl_sum(
-    student_logits_NV: torch.Tensor,
-    teacher_logits_fn: TeacherLogitsFn,
-    targets_N: torch.Tensor,
-    temperature: float,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Differentiable scalar fp32 sum of KL(softmax(t/T) || softmax(z/T)) over counted positions."""
-    check_hparams(0.0, temperature)
-    return _weighted_sums(
-        student_logits_NV, targets_N, teacher_logits_fn, 0.0, 1.0, temperature, chunk_size
-    ).loss
-
-
-def hybrid_loss(
-    student_logits_NV: torch.Tensor,
-    targets_N: torch.Tensor,
-    teacher_logits_fn: TeacherLogitsFn | None,
-    *,
-    alpha: float,
-    temperature: float,
-    chunk_size: int | None = None,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-) -> LossSums:
-    """alpha*CE + (1-alpha)*T^2*KL summed over counted positions (see the module docstring).
-
-    student_logits_NV: (N, V) any float dtype; targets_N: (N,) int, IGNORE_INDEX where excluded.
-    teacher_logits_fn is never called when alpha == 1 (plain LM training) and may then be None.
-    divergence, beta: what takes the KL's place (train.divergence, train.beta; divergences.py).
-    """
-    check_hparams(alpha, temperature)
-    check_divergence(divergence, beta)
-    if alpha < 1 and teacher_logits_fn is None:
-        raise ValueError(f"hybrid_loss needs teacher_logits_fn when train.alpha < 1, got alpha={alpha}")
-    kl_weight = (1.0 - alpha) * temperature**2
-    return _weighted_sums(
-        student_logits_NV, targets_N, teacher_logits_fn, alpha, kl_weight, temperature, chunk_size, divergence, beta
-    )
-
-
 def model_loss(
     model: torch.nn.Module,
     input_ids_BL: torch.Tensor,
@@ -172,44 +130,58 @@ def model_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
 ) -> LossSums:
-    """hybrid_loss of a causal LM student on one micro-batch (the trainer's and the public API's entry point).
+    """alpha*CE + (1-alpha)*T^2*D of a causal LM student on one micro-batch (the trainer's and the public API's
+    entry point), fused with the student's output head: its (N, V) logits never exist.
 
     input_ids_BL, targets_BL: (B, L) on the model's device (targets IGNORE_INDEX where excluded);
-    vocab_size: the logits compared (the student's and teacher's are sliced to it; None: all of them);
-    teacher_logits_fn over the flattened positions [start, end) of this micro-batch (None iff alpha == 1).
+    vocab_size: the logits compared (the student's head rows and the teacher's are sliced to it; None: all of the
+    head's); teacher_logits_fn over the flattened positions [start, end) of this micro-batch (None iff alpha == 1).
+    divergence, beta: what takes the KL's place (train.divergence, train.beta; divergences.py).
+    The loss runs inside the model's forward in place of its output head (student_head.run_head).
     """
-    logits_BLV = model(input_ids=input_ids_BL, use_cache=False).logits
-    V = vocab_size or logits_BLV.shape[-1]
-    return hybrid_loss(logits_BLV.flatten(0, 1)[:, :V], targets_BL.flatten(), teacher_logits_fn, alpha=alpha,
-                       temperature=temperature, chunk_size=chunk_size, divergence=divergence, beta=beta)
+    spec = head_spec(model, vocab_size)
+    targets_N = targets_BL.flatten()
+    return run_head(model, input_ids_BL, lambda hidden_BLd, weight_Pd, bias_P: head_loss(
+        hidden_BLd.flatten(0, 1), weight_Pd, bias_P, spec, targets_N, teacher_logits_fn, alpha=alpha,
+        temperature=temperature, chunk_size=chunk_size, divergence=divergence, beta=beta))
 
 
-def _weighted_sums(
-    student_logits_NV: torch.Tensor,
+def head_loss(
+    hidden_Nd: torch.Tensor,
+    weight_Pd: torch.Tensor,
+    bias_P: torch.Tensor | None,
+    spec: HeadSpec,
     targets_N: torch.Tensor,
     teacher_logits_fn: TeacherLogitsFn | None,
-    ce_weight: float,
-    kl_weight: float,
+    *,
+    alpha: float,
     temperature: float,
-    chunk_size: int | None,
+    chunk_size: int | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
 ) -> LossSums:
-    """LossSums with loss = ce_weight * CE + kl_weight * KL; the teacher is read only if kl_weight."""
-    assert student_logits_NV.dim() == 2, f"student logits must be (N, V), got {tuple(student_logits_NV.shape)}"
-    assert targets_N.shape == student_logits_NV.shape[:1], (
-        f"targets {tuple(targets_N.shape)} do not match logits {tuple(student_logits_NV.shape)}"
-    )
+    """The fused loss over last hidden states (N, d) and an output head (weight (P, d), bias (P,) or None, spec:
+    what the student applies to its logits and which rows count): differentiable w.r.t. all three.
+
+    teacher_logits_fn is never called when alpha == 1 (plain LM training) and may then be None.
+    """
+    check_hparams(alpha, temperature)
+    check_divergence(divergence, beta)
+    if alpha < 1 and teacher_logits_fn is None:
+        raise ValueError(f"the loss needs teacher_logits_fn when train.alpha < 1, got alpha={alpha}")
+    assert hidden_Nd.dim() == 2 and targets_N.shape == hidden_Nd.shape[:1], (
+        f"hidden states {tuple(hidden_Nd.shape)} do not match targets {tuple(targets_N.shape)}")
+    kl_weight = (1.0 - alpha) * temperature**2
     if chunk_size is None:  # auto: train.loss_chunk_size null
-        chunk_size = default_chunk_size(student_logits_NV.shape[1], student_logits_NV.device)
+        chunk_size = default_chunk_size(spec.vocab_size, hidden_Nd.device)
     assert chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}"
-    assert kl_weight == 0 or teacher_logits_fn is not None, "the KL term needs teacher_logits_fn"
     chunks = _plan_chunks(targets_N, chunk_size)
-    # Under no_grad (eval) skip the (N, V) gradient buffer; needs_input_grad ignores grad mode.
-    build_grad = torch.is_grad_enabled() and student_logits_NV.requires_grad
-    loss, ce, kl = _HybridSums.apply(
-        student_logits_NV, targets_N, teacher_logits_fn if kl_weight else None,
-        ce_weight, kl_weight, temperature, chunks, build_grad, divergence, beta,
+    # Under no_grad (eval) no gradient is formed; needs_input_grad ignores grad mode.
+    build_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden_Nd, weight_Pd, bias_P))
+    loss, ce, kl = _FusedHeadSums.apply(
+        hidden_Nd, weight_Pd, bias_P, targets_N, teacher_logits_fn if kl_weight else None, spec,
+        alpha, kl_weight, temperature, chunks, build_grad, divergence, beta,
     )
     return LossSums(loss=loss, ce=ce, kl=kl, num_tokens=sum(len(rows) for _, _, rows in chunks))
 
@@ -232,31 +204,45 @@ def _plan_chunks(targets_N: torch.Tensor, chunk_size: int) -> list[tuple[int, in
     return chunks
 
 
-class _HybridSums(torch.autograd.Function):
-    """(loss, ce, kl) sums; the gradient w.r.t. the student logits is computed in forward."""
+class _FusedHeadSums(torch.autograd.Function):
+    """(loss, ce, kl) sums over hidden states and an output head; the gradients w.r.t. the hidden states and the
+    head's weight and bias are accumulated in fp32 chunk by chunk in forward, and backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student_logits_NV, targets_N, teacher_logits_fn, ce_weight, kl_weight,
+    def forward(ctx, hidden_Nd, weight_Pd, bias_P, targets_N, teacher_logits_fn, spec, ce_weight, kl_weight,
                 temperature, chunks, build_grad, divergence, beta):
-        V = student_logits_NV.shape[1]
-        fp32 = dict(dtype=torch.float32, device=student_logits_NV.device)
+        need_h, need_w, need_b = (build_grad and ctx.needs_input_grad[i] for i in range(3))
+        fp32 = dict(dtype=torch.float32, device=hidden_Nd.device)
         ce, kl = torch.zeros((), **fp32), torch.zeros((), **fp32)
-        grad_NV = torch.zeros_like(student_logits_NV) if build_grad else None
-        for start, end, rows_C in chunks:
-            z_CV = student_logits_NV.index_select(0, rows_C).float()
-            y_C = targets_N.index_select(0, rows_C).long()
-            t = None if teacher_logits_fn is None else _counted_rows(teacher_logits_fn(start, end), start, end,
-                                                                      rows_C, V)
-            ce_C, kl_C, g_CV = chunk_terms(z_CV, y_C, t, ce_weight=ce_weight, kd_weight=kl_weight,
-                                           temperature=temperature, build_grad=build_grad,
-                                           divergence=divergence, beta=beta)
-            ce += ce_C
-            kl += kl_C
-            del z_CV, t
-            if build_grad:
-                grad_NV.index_copy_(0, rows_C, g_CV.to(grad_NV.dtype))
-            del g_CV
-        ctx.grad_NV = grad_NV
+        W_Vd, b_V = spec.prepare(weight_Pd, bias_P)
+        V = spec.vocab_size
+        grad_h = torch.zeros(hidden_Nd.shape, **fp32) if need_h else None
+        grad_w = torch.zeros(weight_Pd.shape, **fp32) if need_w else None  # rows beyond V (padding) stay 0
+        grad_b = torch.zeros(bias_P.shape, **fp32) if need_b else None
+        with torch.autocast(hidden_Nd.device.type, enabled=False):
+            for start, end, rows_C in chunks:
+                h_Cd = hidden_Nd.index_select(0, rows_C).float()
+                z_CV = spec.logits(h_Cd, W_Vd, b_V)
+                y_C = targets_N.index_select(0, rows_C).long()
+                t = None if teacher_logits_fn is None else _counted_rows(teacher_logits_fn(start, end), start, end,
+                                                                          rows_C, V)
+                ce_C, kl_C, g_CV = chunk_terms(z_CV, y_C, t, ce_weight=ce_weight, kd_weight=kl_weight,
+                                               temperature=temperature, build_grad=build_grad,
+                                               divergence=divergence, beta=beta)
+                ce += ce_C
+                kl += kl_C
+                del t
+                if build_grad:
+                    g_CV = spec.backprop_(z_CV, g_CV)  # now d loss / d(h W^T + b)
+                    if need_h:
+                        grad_h.index_copy_(0, rows_C, g_CV @ W_Vd)
+                    if need_w:
+                        grad_w[:V].addmm_(g_CV.T, h_Cd)
+                    if need_b:
+                        grad_b[:V].add_(g_CV.sum(0))
+                del z_CV, g_CV, h_Cd
+        ctx.grads = [None if g is None else (g, x.dtype)
+                     for g, x in ((grad_h, hidden_Nd), (grad_w, weight_Pd), (grad_b, bias_P))]
         loss = ce_weight * ce + kl_weight * kl
         ctx.mark_non_differentiable(ce, kl)
         return loss, ce, kl
@@ -264,11 +250,13 @@ class _HybridSums(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_ce, grad_kl):
-        grad_NV = ctx.grad_NV
-        # Scaling in place keeps one (N, V) buffer instead of two; it can therefore be used once.
-        assert grad_NV is not None, "hybrid loss backward ran twice (retain_graph is not supported)"
-        ctx.grad_NV = None
-        return grad_NV.mul_(grad_loss), None, None, None, None, None, None, None, None, None
+        grads = ctx.grads
+        # Scaled in place and handed over (autograd takes a tensor as .grad when the parameter has none): once.
+        assert grads is not None, "the loss's backward ran twice (retain_graph is not supported)"
+        ctx.grads = None
+        out = [None if g is None else g[0].mul_(grad_loss).to(g[1]) for g in grads]
+        del grads
+        return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
 def _counted_rows(t, start: int, end: int, rows_C: torch.Tensor, V: int):

@@ -34,6 +34,7 @@ from distill_pipe.distributed import DistInfo, fsdp_modules
 from distill_pipe.losses import LossSums, SparseTargets, model_loss
 from distill_pipe.metrics import History
 from distill_pipe.prefetch import MicroBatchPlan, PendingBatch
+from distill_pipe.student_head import check_linear_head
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +375,10 @@ class DistillTrainer(Trainer):
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
         self.vocab_size = vocab_size or _output_vocab(model)
+        # The loss forms the logits from the last hidden state and the head (student_head.py): refuse a student
+        # whose logits are something else now, before a step is taken or anything is written.
+        check_linear_head(model, torch.from_numpy(read_rows(data["train"], [0]).astype(np.int64)).to(self.device),
+                          self.vocab_size)
         # The factored head (a fitted transform folded in) goes to the device once per run, not per micro-batch.
         self._head = store.head_on(self.device) if hasattr(store, "head_on") else None
 

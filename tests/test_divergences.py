@@ -17,7 +17,8 @@ import torch
 
 from distill_pipe.config import ConfigError, TrainConfig, config_from_dict
 from distill_pipe.divergences import SparseTargets, chunk_terms
-from distill_pipe.losses import IGNORE_INDEX, hybrid_loss
+from distill_pipe.losses import IGNORE_INDEX
+from unfused import hybrid_loss
 from distill_pipe.store import make_codec
 from distill_pipe.store.codecs import Head
 

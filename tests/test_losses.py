@@ -1,5 +1,7 @@
 """Losses against an explicit per-position loop (float64, math.exp softmax), a hand-computed value,
-F.cross_entropy, and the properties the trainer relies on (sums, chunk bounds, memory).
+F.cross_entropy, and the properties the trainer relies on (sums, chunk bounds, memory). These run the unfused
+reference over (N, V) logits (tests/unfused.py), which shares the chunk plan and the per-chunk terms with the
+fused loss; test_fused.py holds the fused path to it.
 
 Shapes: N flattened positions, V vocabulary, C chunk rows.
 """
@@ -14,14 +16,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill_pipe.losses import (
-    IGNORE_INDEX,
-    ce_sum,
-    count_targets,
-    hybrid_loss,
-    kl_sum,
-    shift_for_next_token,
-)
+from distill_pipe.losses import IGNORE_INDEX, count_targets, shift_for_next_token
+from unfused import ce_sum, hybrid_loss, kl_sum
 
 NEG_INF = float("-inf")
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from distill_pipe.config import ConfigError, TrainConfig
-from distill_pipe.losses import IGNORE_INDEX, SparseTargets, hybrid_loss
+from distill_pipe.losses import IGNORE_INDEX, SparseTargets
+from unfused import hybrid_loss
 from distill_pipe.store import create_store, make_codec, open_store
 from distill_pipe.store.writer import write_shard
 
