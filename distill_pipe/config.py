@@ -148,7 +148,7 @@ class TeacherLogitsConfig:
     batch_size: int = 4
     """Sequences per teacher forward."""
     codec: str = "factored"
-    """Store codec: factored | dense-bf16 | dense-u8."""
+    """Store codec: factored | dense-bf16 | dense-u8 | sampled | topk | headtail."""
     codec_params: dict = field(default_factory=dict)
     """Codec parameters (e.g. dense-u8: {step: 0.0625, gamma: 0, tail_mass: 0.001}: a linear grid of 1/16 nat)."""
     shard_size: int = 16
@@ -157,7 +157,7 @@ class TeacherLogitsConfig:
     def validate(self, p: str) -> None:
         _check(self.batch_size >= 1, f"{p}.batch_size must be >= 1, got {self.batch_size}")
         _check(self.shard_size >= 1, f"{p}.shard_size must be >= 1, got {self.shard_size}")
-        codecs = ("factored", "dense-bf16", "dense-u8", "sampled", "topk")
+        codecs = ("factored", "dense-bf16", "dense-u8", "sampled", "topk", "headtail")
         _check(self.codec in codecs, f"{p}.codec must be one of {', '.join(codecs)}; got {self.codec!r}")
 
 
@@ -187,8 +187,8 @@ class TrainConfig:
     """What the KD term measures between the teacher p_T = softmax(t/T) and the student q_T = softmax(z/T), summed
     over positions and scaled by T^2 like the KL: forward_kl KL(p_T||q_T) (covers the teacher's modes),
     reverse_kl KL(q_T||p_T) (seeks them), jsd the generalized Jensen-Shannon divergence with train.beta, tvd the
-    total variation 0.5*sum|p_T - q_T|. A sampled store allows forward_kl only (an unbiased estimate of the
-    teacher keeps only that one unbiased); a dense-u8 store with a dropped tail refuses reverse_kl (infinite on
+    total variation 0.5*sum|p_T - q_T|. A sampled or headtail store allows forward_kl only (an unbiased estimate
+    of the teacher keeps only that one unbiased); a dense-u8 store with a dropped tail refuses reverse_kl (infinite on
     the tail's zero-probability tokens). The figures logged as `kl` / `eval_kl` hold the chosen divergence."""
     beta: float = 0.5
     """The generalized JSD's weight in [0, 1] (read by divergence jsd only): m = beta*p_T + (1-beta)*q_T and

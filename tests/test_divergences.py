@@ -456,6 +456,7 @@ def test_beta_is_read_by_jsd_only_and_a_forward_kl_run_keeps_its_identity():
 
 @pytest.mark.parametrize("name, params, allowed", [
     ("sampled", {}, {"forward_kl"}),
+    ("headtail", {}, {"forward_kl"}),
     ("topk", {}, {"forward_kl", "reverse_kl", "jsd", "tvd"}),
     ("factored", {}, {"forward_kl", "reverse_kl", "jsd", "tvd"}),
     ("dense-bf16", {}, {"forward_kl", "reverse_kl", "jsd", "tvd"}),

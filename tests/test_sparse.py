@@ -312,7 +312,8 @@ def sparse_store(tmp_path, name, params, n=16):
 
 
 @pytest.mark.parametrize("name, params", [("sampled", {"draws": 8, "temperature": 2.0}),
-                                          ("topk", {"k": 8, "temperature": 2.0})])
+                                          ("topk", {"k": 8, "temperature": 2.0}),
+                                          ("headtail", {"head": 4, "draws": 8, "temperature": 2.0})])
 def test_accumulation_from_a_sparse_store_is_exact(tmp_path, name, params):
     """4 micro-batches of 2 give the gradient of 1 batch of 8 (every optimizer step's gradient compared; Adam
     would turn float noise in a near-zero gradient element into a full lr step, so weights are not)."""

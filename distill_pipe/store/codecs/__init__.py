@@ -25,6 +25,10 @@ chunk over flattened positions. Temperature is never baked in: consumers apply l
                fp16: n draws from softmax(z / Ts) as unique ids with counts (store/codecs/sampled.py).
 - `topk`       input: logits. Payload: `top_ids` (B, L, k), `top_logits` (B, L, k) fp16 = z - max z (T=1),
                `tail_logmass` (B, L, 2) fp16 = log mass outside the top k at T=1 and Ts (store/codecs/topk.py).
+- `headtail`   input: logits. Payload: `head_ids` (B, L, m), `head_logprobs` (B, L, m) fp16 = log p_Ts of the m most
+               likely ids, `tail_ids` (B, L, n), `tail_counts` (B, L, n) uint8 = n draws from the rest renormalised,
+               `stats` (B, L, 2) fp16 = log of the mass outside the head and the entropy, at Ts
+               (store/codecs/headtail.py).
   The sparse codecs are read through `sparse_targets(payload, T)` by the sparse loss; their `decode` returns
   logits whose softmax at their temperature Ts is the stored target (for inspection and evaluation).
   Their ids are uint16, int32 for V > 65536.
@@ -39,20 +43,22 @@ from distill_pipe.store.codecs.base import FP16_MAX, Codec, Head, PayloadSpec, h
 from distill_pipe.store.codecs.dense_bf16 import DenseBF16Codec
 from distill_pipe.store.codecs.dense_u8 import DenseU8Codec
 from distill_pipe.store.codecs.factored import FactoredCodec
+from distill_pipe.store.codecs.headtail import HeadTailCodec
 from distill_pipe.store.codecs.sampled import SampledCodec
 from distill_pipe.store.codecs.topk import TopKCodec
 
 # The registry: one module per codec in this package.
 CODECS: dict[str, type[Codec]] = {"factored": FactoredCodec, "dense-bf16": DenseBF16Codec, "dense-u8": DenseU8Codec,
-                                  "sampled": SampledCodec, "topk": TopKCodec}
+                                  "sampled": SampledCodec, "topk": TopKCodec,
+                                  "headtail": HeadTailCodec}
 CODEC_NAMES = tuple(CODECS)
 
-__all__ = ["CODECS", "CODEC_NAMES", "FP16_MAX", "Codec", "DenseBF16Codec", "DenseU8Codec", "FactoredCodec", "Head",
+__all__ = ["CODECS", "CODEC_NAMES", "FP16_MAX", "Codec", "DenseBF16Codec", "DenseU8Codec", "FactoredCodec", "Head", "HeadTailCodec",
            "PayloadSpec", "SampledCodec", "TopKCodec", "head_from_model", "make_codec"]
 
 
 def make_codec(name: str, **params) -> Codec:
-    """'factored' | 'dense-bf16' | 'dense-u8' | 'sampled' | 'topk', with that codec's parameters (see the CODECS)."""
+    """'factored' | 'dense-bf16' | 'dense-u8' | 'sampled' | 'topk' | 'headtail', with that codec's parameters (see the CODECS)."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
     try:

@@ -62,19 +62,33 @@ class SampledCodec(SparseCodec):
         digest = hashlib.blake2b(f"{self.seed}\0{row}".encode(), digest_size=8).digest()
         return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
+    def _groups(self, B: int, rows, device) -> list[tuple[int, int, torch.Generator]]:
+        """(first, end, generator) of the batch's sequences: with `rows` one generator per sequence, seeded by its
+        name; else the codec's own generator over the whole batch."""
+        if rows is None:
+            return [(0, B, self._generator(device))]
+        if len(rows) != B:
+            raise ValueError(f"{self.name}: {len(rows)} row names for {B} sequences")
+        return [(b, b + 1, self._row_generator(device, rows[b])) for b in range(B)]
+
+    @staticmethod
+    def unique_with_counts(draws_cn: torch.Tensor, ids_cS: torch.Tensor, counts_cS: torch.Tensor) -> None:
+        """Drawn ids (c, n) -> their unique ids, ascending, and counts written into the zeroed (c, n) views."""
+        draws_cn = draws_cn.sort(-1).values
+        new = torch.ones_like(draws_cn, dtype=torch.bool)
+        new[:, 1:] = draws_cn[:, 1:] != draws_cn[:, :-1]
+        slot = new.long().cumsum(-1) - 1  # (c, n): the unique id's slot of each draw
+        ids_cS.scatter_(1, slot, draws_cn)
+        counts_cS.scatter_add_(1, slot, torch.ones_like(slot))
+
     @torch.no_grad()
     def encode(self, x_BLX, rows=None):
         B, L, V = x_BLX.shape
-        if rows is not None and len(rows) != B:
-            raise ValueError(f"sampled: {len(rows)} row names for {B} sequences")
         dev, n = x_BLX.device, self.draws
         ids_BLS = torch.zeros((B, L, n), dtype=torch.int64, device=dev)
         counts_BLS = torch.zeros((B, L, n), dtype=torch.int64, device=dev)
         entropy_BL = torch.empty((B, L), dtype=torch.float32, device=dev)
-        # rows: one generator per sequence; else the codec's own generator over the whole batch
-        groups = [(b, b + 1, self._row_generator(dev, rows[b])) for b in range(B)] if rows is not None \
-            else [(0, B, self._generator(dev))]
-        for b0, b1, gen in groups:
+        for b0, b1, gen in self._groups(B, rows, dev):
             self._draw(x_BLX[b0:b1].reshape(-1, V), gen, ids_BLS[b0:b1].view(-1, n),
                        counts_BLS[b0:b1].view(-1, n), entropy_BL[b0:b1].view(-1))
         return {"sample_ids": self.ids_to_payload(ids_BLS.reshape(B * L, n), V).reshape(B, L, n),
@@ -92,12 +106,8 @@ class SampledCodec(SparseCodec):
             logp = (z / self.temperature).log_softmax(-1)
             p = logp.exp()
             entropy_P[s:s + chunk] = -(p * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf = 0
-            draws_cn = torch.multinomial(p, n, replacement=True, generator=gen).sort(-1).values
-            new = torch.ones_like(draws_cn, dtype=torch.bool)
-            new[:, 1:] = draws_cn[:, 1:] != draws_cn[:, :-1]
-            slot = new.long().cumsum(-1) - 1  # (c, n): the unique id's slot of each draw
-            ids_PS[s:s + chunk].scatter_(1, slot, draws_cn)
-            counts_PS[s:s + chunk].scatter_add_(1, slot, torch.ones_like(slot))
+            draws_cn = torch.multinomial(p, n, replacement=True, generator=gen)
+            self.unique_with_counts(draws_cn, ids_PS[s:s + chunk], counts_PS[s:s + chunk])
 
     def sparse_targets(self, payload, temperature: float) -> SparseTargets:
         self.require_temperature(temperature)

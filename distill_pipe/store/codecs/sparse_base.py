@@ -1,4 +1,4 @@
-"""What the sparse codecs (`sampled`, `topk`) share: id dtype, the temperature they represent, the refusal."""
+"""What the sparse codecs (`sampled`, `topk`, `headtail`) share: id dtype, the temperature they represent, the refusal."""
 
 from __future__ import annotations
 
