@@ -9,14 +9,19 @@ peak extra memory: vanilla holds several (N, V) fp32 tensors for backward, chunk
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from distill_pipe.losses import IGNORE_INDEX, hybrid_loss
+from distill_pipe.losses import IGNORE_INDEX
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.unfused import hybrid_loss  # noqa: E402 - the chunked loss over (N, V) logits (the fused path's reference)
 
 
 class LargestFp32(TorchDispatchMode):

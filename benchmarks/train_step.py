@@ -85,13 +85,12 @@ class OnlineKD(DistillTrainer):
         self.teacher, self.store, self.vocab_size = teacher, None, None
 
     def compute_loss(self, model, batch):
-        from distill_pipe.losses import hybrid_loss
+        from distill_pipe.losses import model_loss
 
         _, t_BLV = teacher_outputs(self.teacher, batch.input_ids_BL)
         t_NV = t_BLV.flatten(0, 1)
-        logits_NV = model(input_ids=batch.input_ids_BL, use_cache=False).logits.flatten(0, 1)
-        return hybrid_loss(logits_NV, batch.targets_BL.flatten(), lambda s, e: t_NV[s:e], alpha=self.cfg.alpha,
-                           temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
+        return model_loss(model, batch.input_ids_BL, batch.targets_BL, lambda s, e: t_NV[s:e], vocab_size=None,
+                          alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
 
 
 def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, teacher=None,

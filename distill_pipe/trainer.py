@@ -377,8 +377,7 @@ class DistillTrainer(Trainer):
         self.vocab_size = vocab_size or _output_vocab(model)
         # The loss forms the logits from the last hidden state and the head (student_head.py): refuse a student
         # whose logits are something else now, before a step is taken or anything is written.
-        check_linear_head(model, torch.from_numpy(read_rows(data["train"], [0]).astype(np.int64)).to(self.device),
-                          self.vocab_size)
+        check_linear_head(model, self.make_batch("train", [0]).input_ids_BL, self.vocab_size)
         # The factored head (a fitted transform folded in) goes to the device once per run, not per micro-batch.
         self._head = store.head_on(self.device) if hasattr(store, "head_on") else None
 
