@@ -100,6 +100,31 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return f
 
 
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, decaying only matrices (dim >= 2): the trainer's optimizer."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+def epoch_order(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
+    """The training split's order in `epoch`: a permutation that depends on the seed and the epoch only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_sequences)
+
+
+def next_token_targets(input_ids_BL: torch.Tensor, mask_BL: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets (B, L) int64, IGNORE_INDEX at the last position and, with a target mask (B, L: 1 where
+    token t is a target, e.g. an assistant's answer), wherever the next token is not a target."""
+    targets_BL = shift_for_next_token(input_ids_BL)
+    if mask_BL is not None:
+        mask_BL = torch.as_tensor(mask_BL).to(targets_BL.device)
+        targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
+    return targets_BL
+
+
 def read_rows(array, indices: Sequence[int]) -> np.ndarray:
     """Rows `indices` (any order) of an (N, L) numpy or zarr array, read without loading the rest."""
     idx = np.asarray(indices, dtype=np.int64)
@@ -162,12 +187,7 @@ class Trainer:
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.info.world_size
         self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+        self.optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps))
         self.early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
@@ -190,20 +210,16 @@ class Trainer:
     def make_targets(self, input_ids_BL: torch.Tensor, split: str, indices: list[int]) -> torch.Tensor:
         """Next-token targets (B, L), IGNORE_INDEX where the split's target mask says the next token is not a
         target; override to exclude more positions (they leave the count too)."""
-        targets_BL = shift_for_next_token(input_ids_BL)
         mask = self.target_masks.get(split)
-        if mask is not None:
-            mask_BL = torch.from_numpy(read_rows(mask, indices)).to(targets_BL.device)
-            targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
-        return targets_BL
+        return next_token_targets(input_ids_BL, None if mask is None else read_rows(mask, indices))
 
     # ------------------------------------------------------------------ data order
 
     def step_indices(self, step: int) -> list[int]:
         """The global batch of optimizer step `step`: depends on the seed and the global batch size only."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.num_train)
-        return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
+        G = self.global_batch
+        return epoch_order(self.cfg.seed, epoch, self.num_train)[pos * G:(pos + 1) * G].tolist()
 
     def micro_batches(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[Batch]:
         """This rank's micro-batches of a global batch: micro-batch k = indices[k*b:(k+1)*b] goes to
