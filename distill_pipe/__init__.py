@@ -1,3 +1,20 @@
-"""distill-pipe: distil causal LMs from precomputed teacher logits stored in Zarr."""
+"""distill-pipe: distil causal LMs from precomputed teacher logits stored in Zarr.
+
+The public API for your own training loop (docs/own-training-loop.md) is importable from here:
+`from distill_pipe import open_store, StoreDataset, Collate, EpochSampler, DistillLoss`. It is loaded on first
+use, so `import distill_pipe` (and the CLI) stays light.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("Collate", "DistillLoss", "EpochSampler", "StoreDataset", "global_token_count", "make_optimizer",
+        "make_scheduler", "open_store")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from distill_pipe import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'distill_pipe' has no attribute {name!r}")

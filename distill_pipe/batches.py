@@ -53,6 +53,21 @@ def read_rows(array, indices: Sequence[int]) -> np.ndarray:
     return out
 
 
+def epoch_order(seed: int, epoch: int, num_sequences: int) -> np.ndarray:
+    """The training split's order in `epoch`: a permutation that depends on the seed and the epoch only."""
+    return np.random.default_rng([seed, epoch]).permutation(num_sequences)
+
+
+def next_token_targets(input_ids_BL: torch.Tensor, mask_BL: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """Next-token targets (B, L) int64, IGNORE_INDEX at the last position and, with a target mask (B, L: 1 where
+    token t is a target, e.g. an assistant's answer), wherever the next token is not a target."""
+    targets_BL = shift_for_next_token(input_ids_BL)
+    if mask_BL is not None:
+        mask_BL = torch.as_tensor(mask_BL).to(targets_BL.device)
+        targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
+    return targets_BL
+
+
 class BatchSource:
     """What a step reads: its global batch (step_indices), this rank's micro-batches, their targets, and the
     read-ahead stream (train.prefetch). Subclasses override make_targets, teacher_loader, teacher_to_device."""
@@ -60,20 +75,16 @@ class BatchSource:
     def make_targets(self, input_ids_BL: torch.Tensor, split: str, indices: list[int]) -> torch.Tensor:
         """Next-token targets (B, L), IGNORE_INDEX where the split's target mask says the next token is not a
         target; override to exclude more positions (they leave the count too)."""
-        targets_BL = shift_for_next_token(input_ids_BL)
         mask = self.target_masks.get(split)
-        if mask is not None:
-            mask_BL = torch.from_numpy(read_rows(mask, indices)).to(targets_BL.device)
-            targets_BL[:, :-1].masked_fill_(mask_BL[:, 1:] == 0, IGNORE_INDEX)
-        return targets_BL
+        return next_token_targets(input_ids_BL, None if mask is None else read_rows(mask, indices))
 
     # data order
 
     def step_indices(self, step: int) -> list[int]:
         """The global batch of optimizer step `step`: depends on the seed and the global batch size only."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.num_train)
-        return perm[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
+        G = self.global_batch
+        return epoch_order(self.cfg.seed, epoch, self.num_train)[pos * G:(pos + 1) * G].tolist()
 
     def micro_batches(self, split: str, indices: list[int], micro_steps: int | None = None) -> list[Batch]:
         """This rank's micro-batches of a global batch: micro-batch k = indices[k*b:(k+1)*b] goes to

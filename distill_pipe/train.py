@@ -171,9 +171,15 @@ def check_tokens_match_store(cfg: Config, fingerprint: str) -> None:
         store = open_store(cfg.paths.logits)
     except NotAStoreError:
         return
+    check_store_made_from(store, cfg.paths.tokens, fingerprint)
+
+
+def check_store_made_from(store, tokens_location, fingerprint: str) -> None:
+    """TrainError unless `store` was made from the tokens.zarr at `tokens_location` (fingerprint: its
+    attrs["fingerprint"]); the public API's lineage check too."""
     made_from = (store.info.get("data") or {}).get("fingerprint")
     if made_from != fingerprint:
-        raise TrainError(f"{cfg.paths.tokens} ({fingerprint}) is not the data {cfg.paths.logits} was made from "
+        raise TrainError(f"{tokens_location} ({fingerprint}) is not the data {store.location} was made from "
                          f"({made_from}), so evaluation would score on sequences this student trains on; rerun "
                          "`distill-pipe teacher-logits --replace-changed` (or `dvc repro`) for the new tokens, or "
                          "rerun `distill-pipe prepare` with the data params the store was made from")

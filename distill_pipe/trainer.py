@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from distill_pipe import distributed as dd
-from distill_pipe.batches import Batch, BatchSource
+from distill_pipe.batches import Batch, BatchSource, epoch_order, next_token_targets, read_rows  # noqa: F401 - the API's
 from distill_pipe.checkpoint import CheckpointError, Checkpointer  # noqa: F401 - CheckpointError re-exported
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo, fsdp_modules
@@ -81,15 +81,14 @@ def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     return f
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """The run's AdamW (weight decay on matrices only) and its warmup + cosine LambdaLR over total_steps."""
+def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, decaying only matrices (dim >= 2): the trainer's optimizer."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
 
 
 class Trainer(BatchSource):
@@ -141,7 +140,9 @@ class Trainer(BatchSource):
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.info.world_size
         self.steps_per_epoch = math.ceil(self.num_train / self.global_batch)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        self.optimizer, self.scheduler = make_optimizer(model, cfg, self.total_steps)
+        self.optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps))
         self.early = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.step = 0
         self.tokens_seen = 0
