@@ -110,10 +110,13 @@ def chunk_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: (-p.stat().st_size, str(p)))
 
 
-def truncate_chunk(array_rel: str):
+def truncate_chunk(array_rel: str, every: bool = False):
+    """Cut the largest data file of an array (every one: a run that reads a few rows meets one) to half."""
+
     def setup(root: Path, env: dict) -> None:
-        f = chunk_files(root / array_rel)[0]
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        files = chunk_files(root / array_rel)
+        for f in files if every else files[:1]:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
     return setup
 
@@ -288,7 +291,7 @@ CASES: list[Case] = [
          "a negative dense-u8 step", ("step",)),
     Case("codec-param-type", ["teacher-logits", "--overwrite", "--set", "teacher_logits.codec=topk",
                               "--set", "teacher_logits.codec_params={k: many}"],
-         "a topk k given text", ("k",)),
+         "a topk k given text", ("teacher_logits.codec_params", "many")),
     Case("range-temperature", ["train", "--student", "kd", "--set", "train.temperature=0"], "temperature 0",
          ("train.temperature",)),
     Case("range-alpha", ["train", "--student", "kd", "--set", "students.kd.alpha=2"], "alpha above 1",
@@ -434,14 +437,13 @@ CASES: list[Case] = [
          setup=remove(str(LOGITS))),
     Case("train-no-tokens-ce", ["train", "--student", "kd", "--set", "students.kd.alpha=1"],
          "CE-only training without tokens.zarr", ("tokens.zarr", "prepare"), setup=remove(str(TOKENS))),
-    Case("train-store-metadata", ["train", "--student", "kd"], "the store's train group metadata removed",
-         ("logits.zarr",), setup=remove(f"{LOGITS}/train/zarr.json")),
-    Case("train-store-chunk-truncated", ["train", "--student", "kd"], "a store shard cut short",
-         ("logits.zarr", "--repair"), setup=truncate_chunk(f"{LOGITS}/train/hidden")),
-    Case("train-store-input-ids-truncated", ["train", "--student", "kd"], "the store's input_ids cut short",
-         ("logits.zarr",), setup=truncate_chunk(f"{LOGITS}/train/input_ids")),
-    Case("train-manifest-broken", ["train", "--student", "kd"], "the store's manifest is not JSON",
-         ("manifest.json",), setup=write(str(MANIFEST), "{ truncated")),
+    Case("train-store-metadata", ["train", "--student", "kd"], "the metadata of the store's train payload removed",
+         ("logits.zarr", "hidden"), setup=remove(f"{LOGITS}/train/hidden/zarr.json")),
+    Case("train-store-chunk-truncated", ["train", "--student", "kd"], "the store's train shards cut short",
+         ("logits.zarr", "--repair"), setup=truncate_chunk(f"{LOGITS}/train/hidden", every=True)),
+    Case("train-manifest-other-store", ["train", "--student", "kd"], "the manifest records another store than "
+         "the one in place", ("manifest.json", "teacher-logits"),
+         setup=json_edit(str(MANIFEST), lambda d: d.update(seq_len=999))),
     Case("train-other-data", ["train", "--student", "kd", "--set", "students.kd.alpha=1"],
          "CE-only training on tokens.zarr that is not the store's data", ("tokens.zarr", "logits.zarr"),
          setup=other_data_tokens),
@@ -491,6 +493,12 @@ CASES: list[Case] = [
          setup=remove(f"{LOGITS}/zarr.json")),
     Case("inspect-version", ["inspect", str(LOGITS)], "a store of a newer format version", ("logits.zarr",),
          setup=store_attr("format_version", 99)),
-    Case("inspect-bad-attrs", ["inspect", str(LOGITS)], "a store whose codec attribute is damaged", ("logits.zarr",),
-         setup=store_attr("codec", "nonsense")),
+    Case("inspect-bad-attrs", ["inspect", str(LOGITS)], "a store whose codec attribute is damaged",
+         ("logits.zarr", "codec", "--overwrite"), setup=store_attr("codec", "nonsense")),
+    Case("inspect-unknown-codec", ["inspect", str(LOGITS)], "a store of a codec this version lacks",
+         ("logits.zarr", "codec"), setup=store_attr("codec", {"name": "zip9", "params": {}})),
+    Case("train-store-no-seq-len", ["train", "--student", "kd"], "a store whose seq_len attribute was removed",
+         ("logits.zarr", "seq_len"), setup=attrs_edit(str(LOGITS), lambda a: a.pop("seq_len"))),
+    Case("evaluate-store-truncated", ["evaluate"], "the store's validation shards cut short", ("logits.zarr",),
+         base="trained", setup=truncate_chunk(f"{LOGITS}/validation/hidden", every=True)),
 ]

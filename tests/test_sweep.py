@@ -43,7 +43,8 @@ def build_bases(parent: Path, teacher: Path) -> dict[str, Path]:
     corpus = parent / "corpus"
     corpus.mkdir(parents=True)
     write_project(corpus, teacher, doc_chars=1500, seq_len=16, teacher_logits={"shard_size": 8})
-    edit_params(corpus, lambda p: (p["train"].update(TRAIN), p.update(students={"kd": {"init": STUDENT_INIT}})))
+    edit_params(corpus, lambda p: (p["train"].update(TRAIN), p["data"].update(source="corpus"),  # in each copy
+                                   p.update(students={"kd": {"init": STUDENT_INIT}})))
     store = parent / "store"
     shutil.copytree(corpus, store)
     _in(store, lambda: (run_prepare(load_config()), run_teacher_logits(load_config())))
