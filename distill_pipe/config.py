@@ -400,7 +400,10 @@ def load_config(params: str | Path | None = None, overrides: list[str] = ()) -> 
     raw: dict = {}
     if path.exists():
         try:
-            raw = _yaml(path.read_text()) or {}
+            raw = _yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); --params takes a YAML file saved as "
+                              "UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(raw, dict):

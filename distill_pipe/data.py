@@ -115,7 +115,10 @@ class RecordReader:
             keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
             raise DataError(f"{where} has no field {self.text_field!r} (has: {keys}); set data.text_field")
         text = record[self.text_field]
-        return Document(name, str(text)) if text else None
+        if text is not None and not isinstance(text, str):  # str(12) or str([...]) would train on its repr
+            raise DataError(f"{where}: field {self.text_field!r} holds a {type(text).__name__} "
+                            f"({str(text)[:40]!r}), not text; set data.text_field to the field with the text")
+        return Document(name, text) if text else None
 
 
 @dataclass
@@ -186,14 +189,17 @@ def _corpus_files(src: str) -> tuple[list[Path] | None, Path | None]:
     """(files, root that document names are relative to), or (None, None) for a hub dataset name."""
     path = Path(src).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_KINDS)
+        candidates = [p for p in path.rglob("*") if p.suffix.lower() in FILE_KINDS]
+        _refuse_broken_links(candidates)
+        files = sorted(p for p in candidates if p.is_file())
         if not files:
             raise DataError(f"folder {src} holds no {'/'.join(FILE_KINDS)} files; point data.source at a corpus")
         return files, path
     if any(c in src for c in "*?["):
         pattern = os.path.expanduser(src)
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
-                       if Path(p).is_file() and Path(p).suffix.lower() in FILE_KINDS)
+        candidates = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).suffix.lower() in FILE_KINDS]
+        _refuse_broken_links(candidates)
+        files = sorted(p for p in candidates if p.is_file())
         if not files:
             raise DataError(f"glob {src} matches no {'/'.join(FILE_KINDS)} files; check data.source")
         static = pattern[: min(pattern.index(c) for c in "*?[" if c in pattern)]
@@ -205,6 +211,13 @@ def _corpus_files(src: str) -> tuple[list[Path] | None, Path | None]:
             raise DataError(f"corpus {src}: unsupported file type; use one of {', '.join(FILE_KINDS)}")
         return [path], path.parent
     return None, None
+
+
+def _refuse_broken_links(paths: list[Path]) -> None:
+    """A corpus file that is a link to nothing would otherwise be left out without a word."""
+    for p in paths:
+        if p.is_symlink() and not p.exists():
+            raise DataError(f"corpus file {p} is a broken link (to {os.readlink(p)}); fix the link or remove it")
 
 
 def _relative_name(path: Path, root: Path) -> str:
@@ -326,7 +339,10 @@ def _iter_table(path: Path, columns: list[str], key: str = "data.text_field") ->
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path} is not a readable Parquet file ({e}); fix or remove it") from None
         _check_columns(path, columns, pf.schema_arrow.names, key)
         batches = pf.iter_batches(batch_size=RECORD_BATCH, columns=columns)
     else:
@@ -615,6 +631,7 @@ def run_prepare(cfg: Config) -> Path:
     conversations = d.format != "text"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clear_leftovers(out)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -882,6 +899,17 @@ def write_tokens(out: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_replaceable(out: Path) -> None:
+    """prepare replaces paths.tokens whole: only when it is a tokens store (or what is left of one), an empty
+    folder or nothing, never a file or a folder of something else that paths.tokens names by mistake."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and (not any(out.iterdir()) or any((out / n).exists() for n in ("zarr.json", *SPLITS))):
+        return
+    raise DataError(f"paths.tokens={out} exists and is not a tokens store made by `distill-pipe prepare`; "
+                    "set paths.tokens to a new location, or move it away")
+
+
 def _clear_leftovers(out: Path) -> None:
     """What a killed prepare left beside `out`: its half-written `.tmp-<pid>` (removed) and, if it died
     between the two renames of `_swap_in`, the previous output as `.old-<pid>` (put back where `out` is
@@ -926,7 +954,7 @@ def open_tokens(path: str | Path) -> zarr.Group:
         root = zarr.open_group(str(path), mode="r")
     except Exception:
         raise DataError(f"{path} is not a Zarr group; rerun `distill-pipe prepare`") from None
-    if root.attrs.get("format") != TOKENS_FORMAT or any(s not in root for s in SPLITS):
+    if root.attrs.get("format") != TOKENS_FORMAT or any(s not in root or "input_ids" not in root[s] for s in SPLITS):
         raise DataError(f"{path} is not a complete tokens store made by `distill-pipe prepare`; rerun prepare")
     version = root.attrs.get("format_version", 1)
     if not isinstance(version, int) or version > TOKENS_FORMAT_VERSION:

@@ -131,7 +131,13 @@ def run_evaluate(cfg: Config) -> Path:
             raise EvaluateError(f"student {name} has no trained model in {folder / 'model'}; run "
                                 f"`distill-pipe train --student {name}` (or `dvc repro`)")
         check_student_lineage(name, folder, store)
-        model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32, device=device).eval()
+        try:
+            model = models.load_causal_lm(str(folder / "model"), dtype=torch.float32, device=device).eval()
+        except Exception as e:  # noqa: BLE001 - a truncated safetensors raises SafetensorError, not an OSError
+            text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+            raise EvaluateError(f"student {name}'s model in {folder / 'model'} cannot be loaded ({type(e).__name__}: "
+                                f"{text}): it is damaged; train it again (delete {folder}, then "
+                                f"`distill-pipe train --student {name}`)") from e
         v = _compared_vocab(model.config.vocab_size, store)
         results[name] = {"alpha": scfg.train.alpha, "temperature": scfg.train.temperature,
                          **score(model, store, indices, bs, v, desc=name, device=device, autocast_dtype=bf16(scfg))}

@@ -118,12 +118,19 @@ def load_tokenizer(spec: str | ModelSource):
     from transformers import AutoTokenizer
 
     src = spec if isinstance(spec, ModelSource) else resolve(spec)
-    if src.gguf_file:
-        tok = _through_gguf_cache(src, "tokenizer", lambda folder: AutoTokenizer.from_pretrained(folder),
-                                  lambda: AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs()),
-                                  lambda tok, folder: tok.save_pretrained(folder))
-    else:
-        tok = AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+    try:
+        if src.gguf_file:
+            tok = _through_gguf_cache(src, "tokenizer", lambda folder: AutoTokenizer.from_pretrained(folder),
+                                      lambda: AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs()),
+                                      lambda tok, folder: tok.save_pretrained(folder))
+        else:
+            tok = AutoTokenizer.from_pretrained(src.path, **src.hf_kwargs())
+    except ModelSpecError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json raises JSON, Rust or KeyErrors
+        text = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        raise ModelSpecError(f"cannot load the tokenizer of {src.spec} ({type(e).__name__}: {text}): its tokenizer "
+                             "files are damaged or incomplete; download or save them again") from e
     log.info("loaded tokenizer %s (%d tokens)", src.spec, len(tok))
     return tok
 

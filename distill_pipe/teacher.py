@@ -52,6 +52,9 @@ def run_teacher_logits(cfg: Config, overwrite: bool = False, replace_changed: bo
     """overwrite: replace any existing store. replace_changed: replace it only if it was made from other
     inputs (what `dvc repro` wants after a param change), resume it otherwise. repair: verify every finished
     shard first and recompute those that fail (see `_repair`), then verify the whole store again."""
+    if overwrite and (replace_changed or repair):
+        raise TeacherError(f"--overwrite replaces the store, --{'repair' if repair else 'replace-changed'} keeps "
+                           "what it can of it: pass one of them")
     dist = distributed.init_distributed()
     if dist.device.type == "cpu":  # on a GPU the gathers live in device memory; host copies stay cheap
         _return_freed_memory()
@@ -205,7 +208,11 @@ def _check_tokens(cfg: Config, src, hf_config, tokens, t_attrs) -> None:
         ids = tokens[split]["input_ids"]
         if ids.shape[0] == 0:
             raise DataError(f"{cfg.paths.tokens} has an empty {split} split; rerun `distill-pipe prepare`")
-        top, bottom = _id_range(ids)
+        try:
+            top, bottom = _id_range(ids)
+        except Exception as e:  # noqa: BLE001 - zarr raises RuntimeError / ValueError for a cut chunk
+            raise DataError(f"{cfg.paths.tokens}: {split}/input_ids cannot be read ({type(e).__name__}: {e}): it is "
+                            "damaged; rerun `distill-pipe prepare`") from None
         if top >= vocab or bottom < 0:
             raise TeacherError(f"{cfg.paths.tokens} holds token id {top} outside the teacher's vocabulary "
                                f"(size {vocab}): it was made with another tokenizer "

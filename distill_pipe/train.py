@@ -44,6 +44,9 @@ def run_train(cfg: Config, student: str, resume: bool = False, auto_resume: bool
     """resume: continue this student's checkpoint (refused when it was made with another config).
     auto_resume: continue it when its config matches, else set it aside (kept, never used) and start from
     step 0: what `dvc repro` runs, so a crashed student resumes and a changed one starts cleanly."""
+    if resume and auto_resume:
+        raise TrainError("--resume continues the checkpoint or fails, --auto-resume sets a changed one aside and "
+                         "starts again: pass one of them")
     scfg = cfg.student(student)
     tc = scfg.train
     info = dd.init_distributed()

@@ -81,8 +81,12 @@ class LogitStore:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise StoreVersionError(f"{location} has store format version {version}, this distill-pipe "
                                     f"{__version__} reads up to {FORMAT_VERSION}: upgrade distill-pipe")
+        _check_attributes(location, info)
         self.info = info
-        self.codec: Codec = make_codec(info["codec"]["name"], **info["codec"]["params"])
+        try:
+            self.codec: Codec = make_codec(info["codec"]["name"], **info["codec"]["params"])
+        except ValueError as e:
+            raise StoreCorruptError(f"{location}: its codec attribute is damaged ({e}); {ATTRS_HINT}") from None
         self._arrays: dict[str, zarr.Array] = {}
         self._present: set[tuple[str, int]] = set()  # (array path, shard) found on storage
         self._head: Head | None = None
@@ -504,6 +508,23 @@ class LogitStore:
 
     def __repr__(self) -> str:
         return f"LogitStore({self.location!r}, codec={self.codec}, splits={self.splits})"
+
+
+ATTRS_HINT = "recreate the store with `distill-pipe teacher-logits --overwrite`"
+
+
+def _check_attributes(location: str, info: dict) -> None:
+    """The group attributes every read relies on, each of the right kind (a hand-edited or damaged zarr.json
+    would otherwise fail later with a TypeError or KeyError)."""
+    kinds = {"codec": dict, "splits": dict, "seq_len": int, "vocab_size": int, "shard_size": int}
+    for key, kind in kinds.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise StoreCorruptError(f"{location}: its attribute {key!r} is missing or damaged (got "
+                                    f"{str(info.get(key))[:40]!r}); {ATTRS_HINT}")
+    codec = info["codec"]
+    if not isinstance(codec.get("name"), str) or not isinstance(codec.get("params", {}), dict):
+        raise StoreCorruptError(f"{location}: its attribute 'codec' is damaged (got {str(codec)[:60]!r}); "
+                                f"{ATTRS_HINT}")
 
 
 def open_group(path_or_url, mode: str, storage_options: dict | None = None) -> zarr.Group:

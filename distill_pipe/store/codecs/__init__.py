@@ -63,5 +63,5 @@ def make_codec(name: str, **params) -> Codec:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
     try:
         return CODECS[name](**params)
-    except TypeError as e:
-        raise ValueError(f"codec {name}: bad parameters {params}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown key, or a value of the wrong kind (int("many"))
+        raise ValueError(f"codec {name}: bad parameters {params} (teacher_logits.codec_params): {e}") from None
