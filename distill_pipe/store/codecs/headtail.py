@@ -87,13 +87,7 @@ class HeadTailCodec(SampledCodec):
 
     def _fill(self, x_PV, gen, out) -> None:
         """Fill the (P, ...) views in `out` from logits (P, V), chunk by chunk."""
-        chunk = max(1, self.ENCODE_ELEMENTS // x_PV.shape[1])
-        for s in range(0, x_PV.shape[0], chunk):
-            z = x_PV[s:s + chunk].float()
-            if torch.isnan(z).any() or torch.isposinf(z).any() or torch.isneginf(z).all(-1).any():
-                raise ValueError("headtail: the teacher's logits contain NaN, +inf or an all -inf row; "
-                                 "check the teacher's dtype")
-            logp = (z / self.temperature).log_softmax(-1)
+        for s, chunk, logp in self._log_probs_in_chunks(x_PV):
             top = logp.topk(self.head, -1)
             tail = logp.scatter(1, top.indices, NEG_INF)  # log p outside the head
             log_mass = tail.logsumexp(-1)  # -inf where the head holds everything

@@ -95,15 +95,21 @@ class SampledCodec(SparseCodec):
                 "sample_counts": counts_BLS.to(torch.uint8),
                 "entropy": entropy_BL.to(torch.float16).unsqueeze(-1)}
 
-    def _draw(self, x_PV, gen, ids_PS, counts_PS, entropy_P) -> None:
-        """Fill ids_PS / counts_PS / entropy_P (views into the outputs) from logits (P, V)."""
-        n, chunk = self.draws, max(1, self.ENCODE_ELEMENTS // x_PV.shape[1])
+    def _log_probs_in_chunks(self, x_PV):
+        """(start, rows, log-probabilities at the store's temperature) of logits (P, V), ENCODE_ELEMENTS at a time;
+        ValueError on NaN, +inf or an all -inf row."""
+        chunk = max(1, self.ENCODE_ELEMENTS // x_PV.shape[1])
         for s in range(0, x_PV.shape[0], chunk):
             z = x_PV[s:s + chunk].float()
             if torch.isnan(z).any() or torch.isposinf(z).any() or torch.isneginf(z).all(-1).any():
-                raise ValueError("sampled: the teacher's logits contain NaN, +inf or an all -inf row; "
+                raise ValueError(f"{self.name}: the teacher's logits contain NaN, +inf or an all -inf row; "
                                  "check the teacher's dtype")
-            logp = (z / self.temperature).log_softmax(-1)
+            yield s, chunk, (z / self.temperature).log_softmax(-1)
+
+    def _draw(self, x_PV, gen, ids_PS, counts_PS, entropy_P) -> None:
+        """Fill ids_PS / counts_PS / entropy_P (views into the outputs) from logits (P, V)."""
+        n = self.draws
+        for s, chunk, logp in self._log_probs_in_chunks(x_PV):
             p = logp.exp()
             entropy_P[s:s + chunk] = -(p * logp).nan_to_num_(0.0).sum(-1)  # 0 * -inf = 0
             draws_cn = torch.multinomial(p, n, replacement=True, generator=gen)
