@@ -33,8 +33,9 @@ from distill_pipe import distributed as dd
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.losses import IGNORE_INDEX, LossSums, count_targets, model_loss
 from distill_pipe.store import LogitStore, TeacherBatch
-from distill_pipe.trainer import (_no_teacher, check_store_divergence, check_store_temperature, epoch_order,
-                                  lr_lambda, make_optimizer, next_token_targets, read_rows, teacher_targets_fn)
+from distill_pipe.batches import epoch_order, next_token_targets, read_rows
+from distill_pipe.trainer import (_no_teacher, check_store_divergence, check_store_temperature, lr_lambda,
+                                  make_optimizer, teacher_targets_fn)
 
 __all__ = ["Collate", "DistillLoss", "EpochSampler", "StoreDataset", "global_token_count", "make_optimizer",
            "make_scheduler", "open_store"]

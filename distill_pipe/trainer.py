@@ -27,14 +27,14 @@ import torch
 from torch import nn
 
 from distill_pipe import distributed as dd
-from distill_pipe.batches import Batch, BatchSource, epoch_order, next_token_targets, read_rows  # noqa: F401 - the API's
+from distill_pipe.batches import Batch, BatchSource
 from distill_pipe.checkpoint import CheckpointError, Checkpointer  # noqa: F401 - CheckpointError re-exported
 from distill_pipe.config import ConfigError, TrainConfig
 from distill_pipe.distributed import DistInfo, fsdp_modules
 from distill_pipe.losses import LossSums, SparseTargets, model_loss
 from distill_pipe.metrics import History
 from distill_pipe.prefetch import MicroBatchPlan, PendingBatch
-from distill_pipe.student_head import check_linear_head
+from distill_pipe.student_head import check_linear_head, head_spec
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ class DistillTrainer(Trainer):
         check_store_divergence(store, cfg)
         super().__init__(model, cfg, data, **kwargs)
         self.store = store
-        self.vocab_size = vocab_size or _output_vocab(model)
+        self.vocab_size = head_spec(model, vocab_size).vocab_size  # None: the student's head rows
         # The loss forms the logits from the last hidden state and the head (student_head.py): refuse a student
         # whose logits are something else now, before a step is taken or anything is written.
         check_linear_head(model, self.make_batch("train", [0]).input_ids_BL, self.vocab_size)
@@ -440,12 +440,6 @@ def check_store_divergence(store, cfg: TrainConfig) -> None:
     problem = store.codec.check_divergence(cfg.divergence, cfg.beta) if store is not None and cfg.alpha < 1 else None
     if problem:
         raise ConfigError(problem)
-
-
-def _output_vocab(model: nn.Module) -> int | None:
-    """The rows of a model's output head (its logits' last dimension), None when it has no HF output head."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return None if head is None else head.weight.shape[0]
 
 
 def _no_teacher(start: int, end: int) -> torch.Tensor:

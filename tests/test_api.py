@@ -142,7 +142,7 @@ def test_dataset_rows_and_order_are_the_trainers(proj):
     """Targets (and chat masks) are the trainer's make_targets; EpochSampler's order is Trainer.step_indices'."""
     from distill_pipe import EpochSampler, StoreDataset, open_store
     from distill_pipe.losses import IGNORE_INDEX
-    from distill_pipe.trainer import next_token_targets
+    from distill_pipe.batches import next_token_targets
 
     store = open_store(STORE)
     ds = StoreDataset(store, "train")
