@@ -12,9 +12,9 @@ _API = ("Collate", "DistillLoss", "EpochSampler", "StoreDataset", "global_token_
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # PEP 562: the API module is imported on first use, by none of the stages
     if name in _API:
-        from distill_pipe import api
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(".api", __name__), name)
     raise AttributeError(f"module 'distill_pipe' has no attribute {name!r}")

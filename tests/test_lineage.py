@@ -55,8 +55,10 @@ def set_data(root: Path, **data) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-def upstream(*teacher_args: str) -> None:
-    for cmd in (["prepare"], ["teacher-logits", "--replace-changed", *teacher_args]):
+def upstream(overwrite: bool = False) -> None:
+    """prepare, then the teacher stage replacing a store made from other data (--overwrite: whatever it holds;
+    the two flags together are refused)."""
+    for cmd in (["prepare"], ["teacher-logits", "--overwrite" if overwrite else "--replace-changed"]):
         code, out = run_cli(*cmd)
         assert code == 0, out
 
@@ -135,7 +137,7 @@ def _baseline(root: Path, fmt: str) -> Path:
              max_train_tokens=2048, max_validation_tokens=512)
     set_params(root, {"kd": {"init": STUDENT_INIT}, "ce": {"init": STUDENT_INIT, "alpha": 1.0}}, max_steps=1,
                save_steps=1, eval_steps=1)
-    upstream("--overwrite")
+    upstream(overwrite=True)
     from distill_pipe import data
 
     root_ = zarr.open_group(TOKENS, mode="r")  # the recorded fingerprint is recomputed from the arrays
