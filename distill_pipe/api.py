@@ -81,8 +81,8 @@ class StoreDataset(torch.utils.data.Dataset):
         if split not in store.splits:
             raise ConfigError(f"store {store.location} has no {split!r} split; choose one of {', '.join(store.splits)}")
         self.store, self.split = store, split
-        self.input_ids = store.input_ids(split)
-        self.target_mask = store.target_mask(split)  # None for plain text
+        self.input_ids = store.token_rows(split)
+        self.target_mask = store.token_rows(split, mask=True)  # None for plain text
         n = store.num_sequences(split)
         self.num_sequences = n if max_sequences is None else min(n, max_sequences)
         if self.num_sequences == 0:

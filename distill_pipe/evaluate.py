@@ -49,7 +49,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     decompressed in the background (prefetch.py) while this one is scored; sums stay on the device (float64)
     until the end, so nothing waits for the device per batch.
     """
-    mask = store.target_mask(SPLIT)
+    mask = store.token_rows(SPLIT, mask=True)
 
     def make_targets(ids_BL, split, idx):
         targets_BL = shift_for_next_token(ids_BL)
@@ -62,7 +62,7 @@ def score(model, store, indices, batch_size: int, vocab_size: int, chunk: int | 
     chunk = chunk or default_chunk_size(vocab_size, device)
     head = store.head_on(device)
     spec = None if model is None else head_spec(model, vocab_size)
-    ids = store.input_ids(SPLIT)
+    ids = store.token_rows(SPLIT)
     # kl, -ce over finite targets, top-1 agreements, finite targets, zero-probability targets
     acc = torch.zeros(5, dtype=torch.float64, device=device)
     n = 0

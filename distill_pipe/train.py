@@ -139,8 +139,8 @@ def _open_data(cfg: Config, tc) -> dict:
 
         # a missing split or shard raises a one-line StoreError naming the rerun that finishes it
         store = open_manifested_store(cfg.paths.logits, cfg.paths.manifest, splits)
-        masks = {s: store.target_mask(s) for s in splits}
-        data = {s: store.input_ids(s) for s in splits}
+        masks = {s: store.token_rows(s, mask=True) for s in splits}
+        data = {s: store.token_rows(s) for s in splits}
         return {"kind": "teacher-logit store", "path": str(cfg.paths.logits), "store": store,
                 "data": data, "tokenizer": store.info["tokenizer"],
                 "target_masks": {s: m for s, m in masks.items() if m is not None},

@@ -677,3 +677,26 @@ def test_head_problems_name_each_part_that_is_not_the_teachers(tmp_path):
     rewrite_head(store, exact, problems)
     head = open_store(tmp_path / "s").head
     assert torch.equal(head.weight_VD, w) and torch.equal(head.bias_V, b) and head.logit_scale == SCALE
+
+
+def test_truncated_input_ids_name_the_store_the_array_and_the_repair(tmp_path):
+    """zarr alone says "Stored and computed checksum do not match"; what train and evaluate read through
+    (token_rows) names the store, the array and `teacher-logits --repair`, and other chunks still read."""
+    from distill_pipe.batches import read_rows
+
+    store, _, ids = build(tmp_path / "s", "factored", n=12, shard_size=4)
+    chunks = sorted(p for p in (tmp_path / "s" / "train" / "input_ids" / "c").rglob("*") if p.is_file())
+    assert len(chunks) == 3  # one chunk per shard
+    chunks[1].write_bytes(chunks[1].read_bytes()[: chunks[1].stat().st_size // 2])
+    store = open_store(tmp_path / "s")
+    with pytest.raises(Exception, match="checksum") as raw:
+        store.input_ids("train")[4:8]
+    assert not isinstance(raw.value, StoreError)  # what the user saw before token_rows
+    rows = store.token_rows("train")
+    want = rf"{tmp_path / 's'}: array train/input_ids is unreadable .*`distill-pipe teacher-logits --repair`"
+    with pytest.raises(StoreCorruptError, match=want):
+        read_rows(rows, [9, 5])
+    with pytest.raises(StoreCorruptError, match=want):
+        rows[4:8]
+    np.testing.assert_array_equal(read_rows(rows, [11, 0, 3]), ids[[11, 0, 3]])
+    assert rows.shape == ids.shape and store.token_rows("train", mask=True) is None  # plain text: no mask

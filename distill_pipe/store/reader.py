@@ -164,6 +164,12 @@ class LogitStore:
         """(N, L) int32 zarr array; slicing gives numpy."""
         return self.array(split, INPUT_IDS_ARRAY)
 
+    def token_rows(self, split: str, mask: bool = False) -> CheckedRows | None:
+        """The split's input_ids (or, with mask, its target mask: None for plain text) for reading rows in
+        training and evaluation: a chunk that fails to read is a StoreCorruptError naming the repair."""
+        arr = self.target_mask(split) if mask else self.input_ids(split)
+        return None if arr is None else CheckedRows(arr, self.location)
+
     def target_mask(self, split: str) -> zarr.Array | None:
         """(N, L) uint8 zarr array, 1 where token t is a training target; None when every token is one
         (a store of plain text). The payload is only meaningful where the next token is a target."""
@@ -548,6 +554,40 @@ def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None
         raise NotAStoreError(f"{path_or_url} is not a distill-pipe logit store ({type(e).__name__}): "
                              "check the path, or create it with `distill-pipe teacher-logits`") from None
     return LogitStore(root, str(path_or_url), mode, load_head=load_head, check_head=check_head)
+
+
+class CheckedRows:
+    """A read-only (N, L) token array of a store (a zarr array: `a[...]`, `a.oindex[...]`, shape, dtype) whose
+    failed reads name the store, the array and the fix: zarr alone says only "Stored and computed checksum do
+    not match" for a truncated or damaged chunk."""
+
+    def __init__(self, array: zarr.Array, location: str):
+        self.array, self.location = array, location
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self._read(lambda: self.array[key])
+
+    @property
+    def oindex(self) -> _OIndex:
+        return _OIndex(self)
+
+    def _read(self, fn) -> np.ndarray:
+        try:
+            return fn()
+        except (OSError, IndexError):  # the storage (a lost mount) or the caller's index: already one line
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to decompress or decode a chunk
+            raise StoreCorruptError(f"{self.location}: array {self.array.path} is unreadable ({type(e).__name__}: "
+                                    f"{e}); {REPAIR_HINT}") from e
+
+
+class _OIndex:
+    def __init__(self, rows: CheckedRows):
+        self.rows = rows
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.rows._read(lambda: self.rows.array.oindex[key])
 
 
 class _RowsAt:
