@@ -441,6 +441,9 @@ CASES: list[Case] = [
          ("logits.zarr", "hidden"), setup=remove(f"{LOGITS}/train/hidden/zarr.json")),
     Case("train-store-chunk-truncated", ["train", "--student", "kd"], "the store's train shards cut short",
          ("logits.zarr", "--repair"), setup=truncate_chunk(f"{LOGITS}/train/hidden", every=True)),
+    Case("train-store-input-ids-truncated", ["train", "--student", "kd"], "the store's train input_ids shards cut "
+         "short", ("logits.zarr", "train/input_ids", "--repair"),
+         setup=truncate_chunk(f"{LOGITS}/train/input_ids", every=True)),
     Case("train-manifest-other-store", ["train", "--student", "kd"], "the manifest records another store than "
          "the one in place", ("manifest.json", "teacher-logits"),
          setup=json_edit(str(MANIFEST), lambda d: d.update(seq_len=999))),
@@ -502,3 +505,45 @@ CASES: list[Case] = [
     Case("evaluate-store-truncated", ["evaluate"], "the store's validation shards cut short", ("logits.zarr",),
          base="trained", setup=truncate_chunk(f"{LOGITS}/validation/hidden", every=True)),
 ]
+
+
+# ---------------------------------------------------------------- the users' list (docs/troubleshooting-cases.md)
+
+COMMANDS = ("prepare", "teacher-logits", "train", "evaluate", "inspect")
+BASE_WORDS = {"corpus": "nothing run yet", "store": "after prepare and teacher-logits",
+              "trained": "with a trained student"}
+PAGE = Path("docs/troubleshooting-cases.md")
+
+
+def _code(text: str) -> str:
+    """Inline code as HTML: the commands here hold wrong keys on purpose, which the docs' key check would
+    report in backticks, and `|` would end a table cell."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+    return f"<code>{text}</code>"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def troubleshooting_page(cases: list[Case] = CASES) -> str:
+    """The list of every case for users, per command: what is wrong, the command and what its error names."""
+    by_command = {c: [case for case in cases if case.args[0] == c] for c in COMMANDS}
+    assert sum(map(len, by_command.values())) == len(cases), "a case of a command missing from COMMANDS"
+    counts = ", ".join(f"{len(v)} {k}" for k, v in by_command.items())
+    lines = [
+        "# Bad input, case by case",
+        "",
+        "<!-- Generated from tests/sweep_cases.py by `python benchmarks/sweep_table.py`; do not edit by hand. -->",
+        f"{len(cases)} cases of bad input ({counts}), each run by the test suite: the command exits",
+        "with code 1, prints one line starting with `error:` that holds the words in the last column (the offending",
+        "key, file or flag, and the fix), shows no traceback, and leaves every file that was there before unchanged.",
+        "The commands give wrong keys and values on purpose. See [troubleshooting.md](troubleshooting.md) for the",
+        "common problems and their fixes.",
+    ]
+    for command, group in by_command.items():
+        lines += ["", f"## distill-pipe {command} ({len(group)} cases)", "",
+                  "| What is wrong | Project | Command | The error line names |", "|---|---|---|---|"]
+        lines += [f"| {_cell(c.what)} | {BASE_WORDS[c.base]} | {_code('distill-pipe ' + ' '.join(c.args))} | "
+                  f"{', '.join(_code(e) for e in c.expect)} |" for c in group]
+    return "\n".join(lines) + "\n"

@@ -153,3 +153,18 @@ def test_a_real_process_prints_what_the_in_process_run_prints(name, sweep_env, t
     line = check_refused(case, proc.returncode, proc.stdout + proc.stderr, before, snapshot(tmp_path / "b"))
     assert proc.returncode == 1
     assert line.replace(str(tmp_path / "b"), "") == in_process.replace(str(tmp_path / "a"), "")
+
+
+def test_the_users_list_of_cases_is_the_case_table():
+    """docs/troubleshooting-cases.md is generated from CASES: a case added, changed or removed without
+    rerunning `python benchmarks/sweep_table.py` fails here."""
+    from sweep_cases import PAGE, troubleshooting_page
+
+    page = (REPO / PAGE).read_text(encoding="utf-8")
+    assert page == troubleshooting_page(), f"{PAGE} is out of date: run python benchmarks/sweep_table.py"
+    assert f"{len(CASES)} cases of bad input" in page
+    assert troubleshooting_page(CASES[:-1]) != page  # one case fewer is seen
+    rows = [l for l in page.splitlines() if l.startswith("| ") and not l.startswith("| What")]
+    assert len(rows) == len(CASES)
+    for doc in ("README.md", "docs/troubleshooting.md"):  # the count where users are sent to the list
+        assert f"{len(CASES)} " in (REPO / doc).read_text(encoding="utf-8"), f"{doc}: not {len(CASES)} cases"
