@@ -168,3 +168,24 @@ def test_the_users_list_of_cases_is_the_case_table():
     assert len(rows) == len(CASES)
     for doc in ("README.md", "docs/troubleshooting.md"):  # the count where users are sent to the list
         assert f"{len(CASES)} " in (REPO / doc).read_text(encoding="utf-8"), f"{doc}: not {len(CASES)} cases"
+
+
+def test_the_repair_the_input_ids_error_names_repairs_it(sweep_env, tmp_path, monkeypatch):
+    """The fix named by the error for a cut input_ids chunk (train-store-input-ids-truncated) is a real one:
+    after `teacher-logits --repair` every row reads again, equal to tokens.zarr's."""
+    import numpy as np
+    import zarr
+
+    from distill_pipe.store import StoreCorruptError, open_store
+    from sweep_cases import LOGITS, TOKENS, truncate_chunk
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTILL_PIPE_DEBUG", raising=False)
+    prepared_case(Case("one-chunk", [], "", (), setup=truncate_chunk(f"{LOGITS}/train/input_ids")), sweep_env,
+                  tmp_path / "p")
+    with pytest.raises(StoreCorruptError, match="train/input_ids.*--repair"):
+        open_store(LOGITS).token_rows("train")[:]
+    code, out, _ = run_in_process(["teacher-logits", "--repair"])
+    assert code == 0, out
+    want = zarr.open_group(str(TOKENS), mode="r")["train/input_ids"][:]
+    np.testing.assert_array_equal(open_store(LOGITS).token_rows("train")[:], want)
