@@ -271,6 +271,47 @@ def test_ignored_positions_are_excluded_and_counted_out():
     close(gb, rb)
 
 
+def test_no_counted_position_gives_zeros_without_calling_the_teacher():
+    h, W, b, y, t, g = head_case(seed=11)
+
+    def never(s, e):
+        raise AssertionError(f"teacher asked for [{s}, {e}) with no counted position")
+
+    sums, gh, gw, gb = fused(h, W, b, HeadSpec(W.shape[0]), torch.full_like(y, IGNORE_INDEX), never, alpha=0.3,
+                             T=2.0, divergence="tvd", beta=0.5)
+    assert sums.num_tokens == 0 and float(sums.loss.detach()) == float(sums.ce) == float(sums.kl) == 0.0
+    assert not gh.any() and not gw.any() and not gb.any()
+
+
+def test_no_grad_gives_the_same_sums_as_training():
+    """Evaluation runs head_loss under no_grad (no gradient formed): the sums are those of the training call."""
+    h, W, b, y, t, g = head_case(seed=12)
+    spec = HeadSpec(W.shape[0], scale=0.5, softcap=3.0)
+    kw = dict(alpha=0.3, temperature=2.0, chunk_size=4, divergence="jsd", beta=0.9)
+    train = head_loss(h.requires_grad_(True), W.requires_grad_(True), b, spec, y, lambda s, e: t[s:e], **kw)
+    with torch.no_grad():
+        evaluation = head_loss(h, W, b, spec, y, lambda s, e: t[s:e], **kw)
+    assert not evaluation.loss.requires_grad
+    for name in ("loss", "ce", "kl"):
+        assert torch.equal(getattr(train, name).detach(), getattr(evaluation, name)), name
+
+
+def test_bf16_head_and_hidden_states_get_bf16_gradients_of_the_fp32_math():
+    """bf16 parameters (FSDP mixed precision): the loss upcasts to fp32 inside, so the sums match the float64
+    reference at the bf16 values within fp32 precision, and the gradients come back in bf16, within one bf16
+    rounding (2^-8 relative) of it."""
+    h, W, b, y, t, g = head_case(seed=13)
+    h, W, b = h.bfloat16(), W.bfloat16(), b.bfloat16()
+    spec = HeadSpec(W.shape[0], softcap=3.0)
+    kw = dict(alpha=0.3, T=2.0, divergence="forward_kl", beta=0.5)
+    sums, gh, gw, gb = fused(h, W, b, spec, y, lambda s, e: t[s:e], **kw)
+    loss, ce, div, rh, rw, rb = reference(h, W, b, spec, y, t, **kw)
+    assert sums.loss.dtype == torch.float32 and gh.dtype == gw.dtype == gb.dtype == torch.bfloat16
+    close(sums.loss, loss)
+    for got, want in ((gh, rh), (gw, rw), (gb, rb)):
+        close(got, want, rtol=2**-8)
+
+
 # ---------------------------------------------------------------- real students
 
 
@@ -419,6 +460,28 @@ def test_a_student_whose_logits_are_not_its_linear_head_is_refused(tmp_path):
         DistillTrainer(student, cfg(alpha=1.0), {k: v % 40 for k, v in tiny_data().items()}, out_dir=out,
                        show_progress=False)
     assert not out.exists() or not any(out.iterdir())
+
+
+class TwoHeads(Squared):
+    """A student that calls its head twice (logits averaged over two last hidden states)."""
+
+    def forward(self, input_ids, **kw):
+        hidden = self.inner.model(input_ids=input_ids, **kw).last_hidden_state
+        head = self.get_output_embeddings()
+        out = self.inner(input_ids=input_ids, **kw)
+        out.logits = (head(hidden) + head(hidden.flip(1))) / 2
+        return out
+
+
+@pytest.mark.parametrize("student, message", [
+    (lambda: TwoHeads(tiny_student("llama")), "called its output head 3 times, not once"),
+    (lambda: torch.nn.Linear(3, 3), "has no linear output head"),
+])
+def test_a_student_without_one_linear_head_call_is_refused(student, message):
+    ids = torch.randint(0, 40, (1, 9), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(ConfigError, match=message) as err:
+        check_linear_head(student(), ids)
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- memory
