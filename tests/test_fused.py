@@ -333,39 +333,44 @@ def tiny_student(kind: str):
     elif kind == "cohere":
         cfg = transformers.CohereConfig(logit_scale=0.25, **common)
         model = transformers.CohereForCausalLM(cfg)
-    else:
-        assert kind == "granite", kind
+    elif kind == "granite":
         cfg = transformers.GraniteConfig(logits_scaling=4.0, **common)
         model = transformers.GraniteForCausalLM(cfg)
+    else:
+        assert kind == "phi", kind  # an lm_head with a bias
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**common))
     with torch.no_grad():  # a head large enough that scale and soft-cap matter
         model.get_output_embeddings().weight.mul_(8.0)
     return model
 
 
 TIED = ("llama-tied", "gemma2", "cohere")  # Gemma 2 and Cohere tie by default
-STUDENTS = ["llama", "llama-tied", "gemma2", "cohere", "granite"]
+STUDENTS = ["llama", "llama-tied", "gemma2", "cohere", "granite", "phi"]
 EXPECTED_SPEC = {"llama": (1.0, None), "llama-tied": (1.0, None), "gemma2": (1.0, 2.0), "cohere": (0.25, None),
-                 "granite": (0.25, None)}
+                 "granite": (0.25, None), "phi": (1.0, None)}
 
 
 def inner_param(model) -> torch.nn.Parameter:
-    return model.model.layers[0].mlp.down_proj.weight
+    """A weight inside the first layer: its MLP's output projection."""
+    mlp = model.model.layers[0].mlp
+    return (mlp.fc2 if hasattr(mlp, "fc2") else mlp.down_proj).weight
 
 
 @pytest.mark.parametrize("kind", STUDENTS)
 def test_model_loss_reproduces_the_models_own_logits(kind):
     """model_loss (fp32) == the float64 reference over model(...).logits of a float64 copy: the loss and the
-    gradients of the head's weight (tied: the embedding's, both paths) and of a weight inside the first layer."""
+    gradients of the head's weight (tied: the embedding's, both paths), its bias (Phi), and a weight inside the
+    first layer; and == the unfused path over the same model's fp32 logits."""
     model = tiny_student(kind)
     spec = head_spec(model)
     assert (spec.scale, spec.softcap) == EXPECTED_SPEC[kind]
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == (kind in TIED)
     g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 40, (2, 9), generator=g)
-    y = torch.randint(0, 40, (2, 9), generator=g)
+    ids = torch.randint(0, 40, (2, 7), generator=g)
+    y = torch.randint(0, 40, (2, 7), generator=g)
     y[0, :2] = IGNORE_INDEX
-    t = torch.randn(18, 40, generator=g) * 2
-    kw = dict(alpha=0.3, temperature=2.0, chunk_size=5, divergence="jsd", beta=0.5)
+    t = torch.randn(14, 40, generator=g) * 2
+    kw = dict(alpha=0.3, temperature=2.0, chunk_size=5, divergence="forward_kl", beta=0.5)  # the others: above
 
     sums = model_loss(model, ids, y, lambda s, e: t[s:e], vocab_size=None, **kw)
     sums.loss.backward()
@@ -374,15 +379,16 @@ def test_model_loss_reproduces_the_models_own_logits(kind):
     model64 = copy.deepcopy(model).double()
     model64.zero_grad()
     logits = model64(input_ids=ids, use_cache=False).logits.flatten(0, 1)
-    loss, ce, div, g_NV = dense_reference(logits.detach(), y.flatten(), t, alpha=0.3, T=2.0, divergence="jsd",
-                                          beta=0.5)
+    loss, ce, div, g_NV = dense_reference(logits.detach(), y.flatten(), t, alpha=0.3, T=2.0)
     logits.backward(g_NV)
     close(sums.loss, loss)
     close(sums.ce, ce)
     close(sums.kl, div)
     close(head_w.grad, model64.get_output_embeddings().weight.grad)
     close(inner.grad, inner_param(model64).grad)
-    assert sums.num_tokens == 16
+    if kind == "phi":
+        close(model.get_output_embeddings().bias.grad, model64.get_output_embeddings().bias.grad)
+    assert sums.num_tokens == 12
 
     old_model = copy.deepcopy(model)
     old_model.zero_grad()
