@@ -399,6 +399,29 @@ def test_model_loss_reproduces_the_models_own_logits(kind):
     close(inner.grad, inner_param(old_model).grad.double())
 
 
+def test_model_loss_compares_only_the_shared_vocabulary_of_a_padded_head():
+    """vocab_size 30 of a 40-row untied head: the float64 reference over the model's first 30 logits; head rows
+    30.. get exactly zero gradient."""
+    model = tiny_student("llama")
+    g = torch.Generator().manual_seed(14)
+    ids = torch.randint(0, 40, (2, 7), generator=g)
+    y = torch.randint(0, 30, (2, 7), generator=g)
+    t = torch.randn(14, 30, generator=g) * 2
+    sums = model_loss(model, ids, y, lambda s, e: t[s:e], vocab_size=30, alpha=0.3, temperature=2.0, chunk_size=4,
+                      divergence="tvd")
+    sums.loss.backward()
+    model64 = copy.deepcopy(model).double()
+    model64.zero_grad()
+    logits = model64(input_ids=ids, use_cache=False).logits.flatten(0, 1)[:, :30]
+    loss, _, _, g_NV = dense_reference(logits.detach(), y.flatten(), t, alpha=0.3, T=2.0, divergence="tvd")
+    logits.backward(g_NV)
+    head_w = model.get_output_embeddings().weight
+    close(sums.loss, loss)
+    close(head_w.grad, model64.get_output_embeddings().weight.grad)
+    close(inner_param(model).grad, inner_param(model64).grad)
+    assert (head_w.grad[30:] == 0).all()
+
+
 def test_bf16_autocast_stays_close_to_the_float64_reference():
     """Under CPU bf16 autocast (the layers' matmuls in bf16, the head's in fp32 by HeadSpec.logits): finite, and
     within a bf16 tolerance of the float64 model: loss 2e-2 relative, gradients 5e-2 in relative norm (bf16 has
