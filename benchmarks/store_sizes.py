@@ -126,6 +126,12 @@ def tiny_teacher(V: int, ref: dict, probe_ids: np.ndarray, seed: int = 0):
     return model, {"a": a, "s": s, **st}
 
 
+def metadata_bytes(store, sub: str) -> int:
+    """Bytes of the zarr.json files under `sub` of a local store (metadata, not payload)."""
+    top = os.path.join(store.location, sub)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(top) for f in files if f == "zarr.json")
+
+
 def measure(teacher, ids: np.ndarray, dense_ids: np.ndarray, settings, work: Path) -> list[dict]:
     """B/token on disk (payload arrays only) and the format's uncompressed bytes of every setting's store."""
     head = head_from_model(teacher)
@@ -141,10 +147,13 @@ def measure(teacher, ids: np.ndarray, dense_ids: np.ndarray, settings, work: Pat
         for name, codec_name, params in group:
             store = stores[json.dumps([codec_name, params], sort_keys=True)]
             n_tok = group_ids.size
-            parts = {p: bytes_under(store, f"train/{p}") / n_tok for p in store.payload_names}
+            parts = {p: (bytes_under(store, f"train/{p}") - metadata_bytes(store, f"train/{p}")) / n_tok
+                     for p in store.payload_names}
             rows.append({"setting": name, "V": V, "d": d, "tokens": n_tok, "bytes_per_token": sum(parts.values()),
                          "parts": parts, "format_bytes": format_bytes(store.codec, d, V),
                          "format_bytes_d4096": format_bytes(store.codec, 4096, V)})
+            print(f"    {name} V={V:,}: {rows[-1]['bytes_per_token']:.1f} B/token on disk, format "
+                  f"{rows[-1]['format_bytes']:,}", flush=True)
         print(f"  V={V:,}: {len(group)} stores over {group_ids.size:,} tokens in {time.perf_counter() - t0:.0f} s",
               flush=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -182,6 +191,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per sparse store (multiple of 256)")
     ap.add_argument("--dense-tokens", type=int, default=1024, help="tokens per dense/factored store")
     ap.add_argument("--smol-tokens", type=int, default=2048, help="SmolLM2 tokens: reference stats, its stores")
+    ap.add_argument("--no-smol-stores", action="store_true", help="SmolLM2's stats only, none of its stores")
     ap.add_argument("--out", default="store_sizes_out")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -202,13 +212,14 @@ def main() -> None:
           f"{ref['top1']:.3f}, top-8 {ref['top8']:.3f}, top-32 {ref['top32']:.3f}", flush=True)
     check_rows = logp[torch.linspace(0, logp.shape[0] - 1, 48).long()]
 
-    rows = measure(smol, smol_ids, smol_ids[:max(1, args.dense_tokens // L)],
-                   [s for s in FIXED + HEADTAIL if s[1] not in DENSE], work)
+    rows = [] if args.no_smol_stores else measure(smol, smol_ids, smol_ids[:max(1, args.dense_tokens // L)],
+                                                  [s for s in FIXED + HEADTAIL if s[1] not in DENSE], work)
+    del smol
     for r in rows:
         r["teacher"] = "SmolLM2-135M"
     comparison = [{"teacher": "SmolLM2-135M", **{k: v for k, v in ref.items() if not k.startswith("_")}}]
     for V in (49_152, 128_256):
-        teacher, fit = tiny_teacher(V, ref, ids[:1])
+        teacher, fit = tiny_teacher(V, ref, ids[:1, :96])
         comparison.append({"teacher": f"tiny Llama V={V:,}", **{k: v for k, v in fit.items() if not k.startswith("_")}})
         print(f"tiny Llama V={V:,} (a={fit['a']:.1f}, s={fit['s']:.3f}): entropy {fit['entropy']:.3f}, top-1 "
               f"{fit['top1']:.3f}, top-8 {fit['top8']:.3f}, top-32 {fit['top32']:.3f}", flush=True)
@@ -237,7 +248,7 @@ def main() -> None:
     fmt = {(r["setting"], r["V"]): r for r in rows if r["teacher"] != "SmolLM2-135M"}
     for name, _, _ in FIXED + HEADTAIL:
         a, b = fmt[(name, 49_152)], fmt[(name, 128_256)]
-        sm = f"{size_smol[name]:,.1f}" if name in size_smol else "-"
+        sm = f"{size_smol[name]:,.1f}" if name in size_smol else "-"  # dense: not stored for SmolLM2
         lines.append(f"| {name} | {sm} | {a['bytes_per_token']:,.1f} | {a['format_bytes']:,} | "
                      f"{b['bytes_per_token']:,.1f} | {b['format_bytes']:,} | {b['format_bytes_d4096']:,} |")
     lines += ["", f"factored fp16 is measured at the tiny teacher's d={rows[-1]['d']}; its size is 2d B/token.",
@@ -249,7 +260,7 @@ def main() -> None:
     if chosen:
         lines += ["", f"chosen: {chosen}: variance {var[chosen]:.4f} (empirical through the codec, 64 encodings x 48 "
                       f"SmolLM2 rows: {emp:.4f}), {size_at[chosen]:.1f} B/token on disk at V=128,256, "
-                      f"{size_49[chosen]:.1f} at V=49,152 (tiny), {size_smol[chosen]:.1f} on SmolLM2's own store"]
+                      f"{size_49[chosen]:.1f} at V=49,152 (tiny), {size_smol.get(chosen, math.nan):.1f} on SmolLM2's own store"]
     report = "\n".join(lines) + "\n"
     (out / "store_sizes.md").write_text(report)
     (out / "store_sizes.json").write_text(json.dumps({"comparison": comparison, "rows": rows, "variance": var,
