@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                       # builtin teacher, 20-layer student, batch 2 x 256
     python benchmarks/train_step.py --batch-size 1 --seq-len 128 --steps 2    # quicker
-    python benchmarks/train_step.py --batch-size 4 --seq-len 256 --chunk-sizes 1024 --skip-rss  # the demo's step
+    python benchmarks/train_step.py --batch-size 4 --seq-len 256 --skip-rss --unfused  # the demo's step, old vs new
 
 Every variant runs the real `DistillTrainer.train_step` (store read, decode, chunked fp32 loss, backward,
 AdamW) on the same student weights and the same batch, in one process:
@@ -11,6 +11,8 @@ AdamW) on the same student weights and the same batch, in one process:
     topk: k = 32 at T = 2, both read as sparse targets: no (N, V) teacher tensor);
   - online KD: the same loss with the teacher's forward inside the step.
 The ideal speedup of store KD over online KD is (teacher forward + student step) / student step.
+--unfused also times each variant with the loss over the student's whole (N, V) logits (tests/unfused.py, the
+path before the loss was fused with the head), in the same rounds.
 Peak RSS: a fresh process runs KD steps over random batches of a store, then of a 10x larger one.
 """
 
@@ -93,8 +95,26 @@ class OnlineKD(DistillTrainer):
                           alpha=self.cfg.alpha, temperature=self.cfg.temperature, chunk_size=self.cfg.loss_chunk_size)
 
 
+class Unfused:
+    """Mixin: the trainer's loss through tests/unfused.py's model_loss (full (B, L, V) logits, then the loss)."""
+
+    def compute_loss(self, model, batch):
+        import distill_pipe.trainer as trainer_module
+        from tests import unfused
+
+        fused, trainer_module.model_loss = trainer_module.model_loss, unfused.model_loss
+        try:
+            return super().compute_loss(model, batch)
+        finally:
+            trainer_module.model_loss = fused
+
+
+class UnfusedDistillTrainer(Unfused, DistillTrainer):
+    pass
+
+
 def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, teacher=None,
-                 chunk: int | None = None) -> DistillTrainer:
+                 chunk: int | None = None, unfused: bool = False) -> DistillTrainer:
     # dense-u8 dropped its tail: its store refuses T > 1, so it is timed at T = 1 (the same work per step)
     temperature = 1.0 if store is not None and store.codec.name == "dense-u8" else 2.0
     cfg = TrainConfig(batch_size=ids.shape[0], alpha=alpha, temperature=temperature, max_steps=1000, warmup_steps=0,
@@ -102,7 +122,8 @@ def make_trainer(student, ids: np.ndarray, out: Path, alpha: float, store=None, 
     data = {"train": store.input_ids("train") if store else ids, "validation": ids[:1]}
     if teacher is not None:
         return OnlineKD(student, cfg, data, teacher=teacher, out_dir=out)
-    return DistillTrainer(student, cfg, data, store=store, out_dir=out, show_progress=False)
+    cls = UnfusedDistillTrainer if unfused else DistillTrainer
+    return cls(student, cfg, data, store=store, out_dir=out, show_progress=False)
 
 
 def time_step(trainer: DistillTrainer, indices: list[int]) -> float:
@@ -148,6 +169,8 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true", help="time the steps only")
     ap.add_argument("--codecs", nargs="*", default=list(CODECS), choices=CODECS, help="store codecs to time")
     ap.add_argument("--skip-online", action="store_true", help="do not time online KD")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also time CE-only and each store codec with the unfused loss (tests/unfused.py)")
     ap.add_argument("--rss-child", nargs=3, metavar=("STORE", "STUDENT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -191,11 +214,14 @@ def main() -> None:
                 *([] if args.skip_online else [("KD online (teacher fwd in step)", None, teacher, None)]),
                 *[(f"KD, store factored, loss chunk {n}", "factored", None, n) for n in args.chunk_sizes]]
     print(f"loss chunk: auto = {auto} positions unless named", flush=True)
+    if args.unfused:
+        variants += [(f"{label} [unfused]", codec, None, chunk, True) for label, codec, online, chunk in variants
+                     if online is None and chunk is None]
     trainers = {}
-    for label, codec, online, chunk in variants:
+    for label, codec, online, chunk, *unfused in variants:
         alpha = 1.0 if codec is None and online is None else 0.5
         trainers[label] = make_trainer(copy.deepcopy(student), ids, work / "out", alpha, store=stores.get(codec),
-                                       teacher=online, chunk=chunk)
+                                       teacher=online, chunk=chunk, unfused=bool(unfused))
     times: dict[str, list[float]] = {label: [] for label in trainers}
     fwd = []  # the teacher forward alone (what online KD adds to each step), in the same rounds
     for i in range(args.warmup + args.steps):
@@ -216,18 +242,25 @@ def main() -> None:
     medians = {label: statistics.median(ts) for label, ts in times.items()}
 
     ce, online_t = results["CE only (alpha=1)"], results.get("KD online (teacher fwd in step)", math.nan)
+    ce_unfused = results.get("CE only (alpha=1) [unfused]")
     ideal = (teacher_fwd + ce) / ce
     print()
     print(f"| variant | s/step best (median) | vs CE-only | speedup over online KD (ideal {ideal:.2f}x) "
-          "| payload bytes/token |")
-    print("|---|---|---|---|---|")
+          "| payload bytes/token |" + (" vs unfused |" if ce_unfused else ""))
+    print("|---|---|---|---|---|" + ("---|" if ce_unfused else ""))
     for label, t in results.items():
         codec = label.split("store ")[-1].split(",")[0].split(" ")[0] if "store" in label else None
         # payload only: the factored head (V x d, stored once) would dominate a store this small
         size = f"{sum(du(work / f'{codec}.zarr' / s) for s in ('train', 'validation')) / ((B + 1) * L):,.0f}" \
             if codec else ""
         speedup = "" if math.isnan(online_t) else f"{online_t / t:.2f}x"
-        print(f"| {label} | {t:.2f} ({medians[label]:.2f}) | {t / ce:.2f}x | {speedup} | {size} |")
+        # an unfused row is compared with the unfused CE-only; a fused row also with its unfused twin
+        base = ce_unfused if label.endswith("[unfused]") else ce
+        old = results.get(f"{label} [unfused]")
+        row = f"| {label} | {t:.2f} ({medians[label]:.2f}) | {t / base:.2f}x | {speedup} | {size} |"
+        if ce_unfused:
+            row += f" {t / old:.2f}x |" if old else " |"
+        print(row)
     print(f"| teacher forward alone | {teacher_fwd:.2f} ({statistics.median(fwd):.2f}) | | | |")
 
     if args.skip_rss:
