@@ -5,14 +5,14 @@ its store costs.
 
     python benchmarks/frontier.py --device cuda --seeds 0,1,2 --out frontier_out     # the demo's setting, GPU
     python benchmarks/frontier.py --device cuda --preset large --seeds 0,1,2 --out frontier_large   # GPU only
-    python benchmarks/frontier.py --device cpu --preset cpu --seeds 0,1,2 --max-steps 8 \
+    python benchmarks/frontier.py --device cpu --preset cpu --seeds 0,1,2 --max-steps 4 \
         --settings "factored fp16,topk k=128,sampled n=16,headtail" --out /tmp/frontier   # ~35 min, 2-core CPU
     python benchmarks/frontier.py --max-steps 2 --tokens small --out /tmp/frontier   # a smoke test on CPU
 
 The setting is the demo's (params.yaml): data (builtin pydoc corpus, 16,384 train / 4,096 validation tokens of
 seq_len 256), student kd20 (the builtin teacher's 30 layers greedily dropped to 20, on the same calibration
 tokens as the train stage), its alpha, T, learning rate, batch, epochs/steps. --preset cpu cuts the data to
-4,096 / 1,024 tokens and the batch to 2 x 256; --preset large (for a GPU: 32 x 256 = 8,192 tokens a step,
+2,048 / 512 tokens and the batch to 1 x 256; --preset large (for a GPU: 32 x 256 = 8,192 tokens a step,
 ~262k training tokens of every pydoc topic plus CPython's own stdlib .py sources, ~17 GB of dense-bf16 store)
 trains on far more. --set KEY=VALUE overrides any params key after the preset. Seeds: --seeds, else the
 config's train.seed alone. Per codec setting:
@@ -217,7 +217,7 @@ def paired_summary(results: list[dict], reference: str = REFERENCE) -> dict:
 
 def large_corpus(path: Path) -> Path:
     """The --preset large corpus as JSONL: every builtin pydoc topic, then every CPython .py source under the
-    running interpreter's stdlib (sorted by path; files that are not UTF-8 are skipped)."""
+    running interpreter's stdlib, installed packages left out (sorted by path; files that are not UTF-8 are skipped)."""
     import sysconfig
 
     from pydoc_data.topics import topics
@@ -226,6 +226,8 @@ def large_corpus(path: Path) -> Path:
         for k, v in sorted(topics.items()):
             f.write(json.dumps({"text": v}) + "\n")
         for py in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if {"site-packages", "dist-packages"} & set(py.parts):  # installed packages are not CPython's
+                continue
             try:
                 f.write(json.dumps({"text": py.read_text(encoding="utf-8")}) + "\n")
             except (UnicodeDecodeError, OSError):
@@ -234,12 +236,13 @@ def large_corpus(path: Path) -> Path:
 
 
 # --preset: config overrides applied before --set. demo: params.yaml as it is. cpu: the demo's data cut to what a
-# 2-core CPU trains 15 students on in ~35 min (kd20's layer selection stays the demo's: same first row). large:
-# 32 x 256 = 8,192 tokens per optimizer step over ~262k training tokens of pydoc + CPython sources, for a GPU
-# (the dense-bf16 store alone is ~60 KB/token: ~17 GB on disk).
+# loaded 2-core CPU trains 15 students on in ~35 min with --max-steps 4 (the first training row is the demo's, so
+# kd20's cached layer selection still applies). large: 32 x 256 = 8,192 tokens per optimizer step over ~262k
+# training tokens of pydoc + CPython sources, for a GPU (the dense-bf16 store alone is ~60 KB/token: ~17 GB).
 PRESETS = {
     "demo": [],
-    "cpu": ["data.max_train_tokens=4096", "data.max_validation_tokens=1024", "train.batch_size=2"],
+    "cpu": ["data.max_train_tokens=2048", "data.max_validation_tokens=512", "train.batch_size=1",
+            "train.warmup_steps=1"],
     "large": ["data.max_train_tokens=262144", "data.max_validation_tokens=16384", "train.batch_size=32",
               "train.warmup_steps=10", "teacher_logits.shard_size=64", "teacher_logits.batch_size=32"],
 }
@@ -253,7 +256,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override, as the CLI's --set (repeatable), applied after --preset")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-                    help="demo: params.yaml's data and batch; cpu: 4,096 train / 1,024 validation tokens, batch 2; "
+                    help="demo: params.yaml's data and batch; cpu: 2,048 train / 512 validation tokens, batch 1; "
                          "large: 32 x 256 per step over pydoc + CPython's stdlib sources (needs a GPU)")
     ap.add_argument("--seeds", default=None,
                     help="comma-separated training seeds (data order), e.g. 0,1,2; default: the config's train.seed")
