@@ -368,6 +368,8 @@ def main() -> None:
     with torch.no_grad():  # the teacher's validation hidden states, for scoring every student against fp32
         h_val = torch.cat([h.cpu() for _, h, _ in teacher_pass(teacher, splits["validation"], 4, device)])
     teacher_score = score(teacher, splits["validation"], h_val, head, device)
+    log.info("teacher: validation perplexity %.3f over %d targets", teacher_score["perplexity"],
+             teacher_score["targets"])
     del teacher
 
     results = []
@@ -378,6 +380,7 @@ def main() -> None:
         base = {"setting": name, "codec": str(store.codec), "bytes_per_token": payload / n_tok,
                 "format_bytes": {f"d={dd},V={vv}": format_bytes(store.codec, dd, vv) for dd, vv in SHAPES},
                 "target_tv": target_tv(store, h_val, head, T, device)}
+        log.info("%s: %.1f B/token, target TV@%g %.4g", name, base["bytes_per_token"], T, base["target_tv"])
         for seed in seeds:
             row = {**base, "seed": seed}
             if args.stores_only:
@@ -385,6 +388,7 @@ def main() -> None:
                 continue
             run_cfg = copy.deepcopy(tc)
             run_cfg.seed, run_cfg.eval_steps, run_cfg.save_steps = seed, 10**9, 10**9
+            run_cfg.max_eval_sequences = 1  # the trainer's own final eval is unused: score() below counts
             model = copy.deepcopy(init_student).to(device)
             t0 = time.perf_counter()
             try:
@@ -436,14 +440,14 @@ def write_outputs(out: Path, results, teacher_score, cfg, tc, args, seeds, devic
              "| setting | B/token measured | B/token format " + " | ".join(shapes) + f" | target TV@{tc.temperature:g} | "
              "val ppl (mean) | ppl diff % | ppl diff % per seed | KL to teacher (mean) | KL diff | KL diff % | "
              "top-1 diff |",
-             "|---|---|" + "---|" * len(shapes) + "---|---|---|---|---|---|---|---|---|"]
+             "|---|---|" + "---|" * len(shapes) + "---|" * 8]
     for name, rows in by_setting.items():
         r0 = rows[0]
         fmt = " | ".join(f"{r0['format_bytes'][s]:,}" for s in shapes)
         lead = f"| {name} | {r0['bytes_per_token']:,.0f} | {fmt} | {r0['target_tv']:.3g} | "
         trained = [r for r in rows if "perplexity" in r]
         if not trained:
-            lines.append(lead + f"refused: {r0['refused']} ||||||||")
+            lines.append(lead + f"refused: {r0['refused']} |" + " |" * 6)
             continue
         ppl = float(np.mean([r["perplexity"] for r in trained]))
         kl = float(np.mean([r["kl_to_teacher"] for r in trained]))
@@ -459,7 +463,7 @@ def write_outputs(out: Path, results, teacher_score, cfg, tc, args, seeds, devic
         missing = [r for r in rows if "refused" in r]
         if missing:
             lines.append(f"| {name}: seeds {', '.join(str(r['seed']) for r in missing)} refused: "
-                         f"{missing[0]['refused']} |" + "|" * (len(shapes) + 11))
+                         f"{missing[0]['refused']} |" + " |" * (len(shapes) + 9))
     ses = [v["ppl_pct_stats"]["se"] for k, v in summary.items() if k != REFERENCE]
     ses = [x for x in ses if math.isfinite(x)]
     if ses:

@@ -76,3 +76,27 @@ def test_bad_input(monkeypatch, tmp_path, argv, message):
     with pytest.raises(SystemExit) as e:
         run_main(monkeypatch, "--dry-run", "--out", str(tmp_path), *argv)
     assert str(e.value).startswith("error: ") and message in str(e.value)
+
+
+def test_report_table_rows_match_its_header(tmp_path):
+    import types
+
+    fmt = {f"d={d},V={v}": 1 for d, v in frontier.SHAPES}
+    results = [{**row(name, seed, 20.0 + seed + k, 1.0 + k / 10, 0.5), "bytes_per_token": 10.0 ** (k + 1),
+                "format_bytes": fmt, "target_tv": 0.1, "targets": 255}
+               for k, name in enumerate(["dense-bf16", "headtail"]) for seed in (0, 1)]
+    results.append({"setting": "dense-u8", "seed": 0, "bytes_per_token": 9e3, "format_bytes": fmt, "target_tv": 0.2,
+                    "refused": "T > 1"})
+    results.append({**results[-1], "setting": "headtail", "seed": 2, "bytes_per_token": 100.0})
+    cfg = types.SimpleNamespace(data=types.SimpleNamespace(seq_len=256), teacher=types.SimpleNamespace(model="t"))
+    tc = types.SimpleNamespace(max_steps=4, num_epochs=3, alpha=0.5, temperature=2.0, learning_rate=6e-4,
+                               batch_size=1, gradient_accumulation_steps=1)
+    args = types.SimpleNamespace(student="kd20", preset="cpu", tokens="demo")
+    report = frontier.write_outputs(tmp_path, results, {"perplexity": 18.0, "targets": 255}, cfg, tc, args, [0, 1],
+                                    "cpu", 64, 8, 1.0)
+    table = [ln for ln in report.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + 3 + 1  # header, separator, three settings, headtail's refused seed
+    assert {ln.count("|") for ln in table} == {table[0].count("|")}
+    # 21/20, 22/21: +5.00 %, +4.76 %; mean 4.88, SE |5.00 - 4.76| / 2 = 0.12
+    assert "| headtail |" in report and "+4.88 ± 0.12 | +5.00, +4.76 |" in report
+    assert (tmp_path / "frontier.json").is_file()
