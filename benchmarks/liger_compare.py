@@ -82,8 +82,6 @@ def one_case(impl: str, N: int, d: int, V: int, chunk: int | None) -> dict:
 
 def agreement(N: int, d: int, V: int, chunk: int) -> tuple[float, float]:
     """Relative differences of the loss (sum form) and of the head-weight gradient, ours against liger's."""
-    import torch
-
     sys.path.insert(0, str(ROOT))
     out = []
     for impl in ("ours", "liger"):
