@@ -147,15 +147,20 @@ def _open_data(cfg: Config, tc) -> dict:
                 "teacher_vocab": int(store.vocab_size),
                 "identity": {**{k: store.info.get(k) for k in ("teacher", "tokenizer", "data", "codec")},
                              "shape": data_shape(data)}}
-    from distill_pipe.data import open_tokens
+    from distill_pipe.data import DataError, open_tokens
+    from distill_pipe.store.reader import CheckedRows
 
     tokens = open_tokens(cfg.paths.tokens)
     attrs = dict(tokens.attrs)
-    data = {s: tokens[s]["input_ids"] for s in splits}
+
+    def rows(split: str, name: str) -> CheckedRows:  # a cut chunk: one line naming tokens.zarr and prepare
+        return CheckedRows(tokens[split][name], str(cfg.paths.tokens), DataError, "rerun `distill-pipe prepare`")
+
+    data = {s: rows(s, "input_ids") for s in splits}
     check_tokens_match_store(cfg, attrs["fingerprint"])
     return {"kind": "tokens, CE only (alpha = 1)", "path": str(cfg.paths.tokens),
             "data": data, "tokenizer": attrs["tokenizer"],
-            "target_masks": {s: tokens[s]["target_mask"] for s in splits if "target_mask" in tokens[s]},
+            "target_masks": {s: rows(s, "target_mask") for s in splits if "target_mask" in tokens[s]},
             "teacher_vocab": None, "identity": {"tokens": attrs["fingerprint"], "shape": data_shape(data)}}
 
 

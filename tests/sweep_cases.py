@@ -444,6 +444,9 @@ CASES: list[Case] = [
     Case("train-store-input-ids-truncated", ["train", "--student", "kd"], "the store's train input_ids shards cut "
          "short", ("logits.zarr", "train/input_ids", "--repair"),
          setup=truncate_chunk(f"{LOGITS}/train/input_ids", every=True)),
+    Case("train-ce-tokens-truncated", ["train", "--student", "kd", "--set", "students.kd.alpha=1"],
+         "CE-only training on tokens.zarr whose train input_ids chunks are cut short",
+         ("tokens.zarr", "train/input_ids", "prepare"), setup=truncate_chunk(f"{TOKENS}/train/input_ids", every=True)),
     Case("train-manifest-other-store", ["train", "--student", "kd"], "the manifest records another store than "
          "the one in place", ("manifest.json", "teacher-logits"),
          setup=json_edit(str(MANIFEST), lambda d: d.update(seq_len=999))),

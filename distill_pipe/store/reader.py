@@ -559,10 +559,12 @@ def open_store(path_or_url, mode: str = "r", storage_options: dict | None = None
 class CheckedRows:
     """A read-only (N, L) token array of a store (a zarr array: `a[...]`, `a.oindex[...]`, shape, dtype) whose
     failed reads name the store, the array and the fix: zarr alone says only "Stored and computed checksum do
-    not match" for a truncated or damaged chunk."""
+    not match" for a truncated or damaged chunk. error, hint: what is raised and the fix it names (tokens.zarr's
+    arrays, read by CE-only training, name `distill-pipe prepare`)."""
 
-    def __init__(self, array: zarr.Array, location: str):
-        self.array, self.location = array, location
+    def __init__(self, array: zarr.Array, location: str, error: type[Exception] = StoreCorruptError,
+                 hint: str = REPAIR_HINT):
+        self.array, self.location, self.error, self.hint = array, location, error, hint
         self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
 
     def __getitem__(self, key) -> np.ndarray:
@@ -578,8 +580,8 @@ class CheckedRows:
         except (OSError, IndexError):  # the storage (a lost mount) or the caller's index: already one line
             raise
         except Exception as e:  # noqa: BLE001 - any failure to decompress or decode a chunk
-            raise StoreCorruptError(f"{self.location}: array {self.array.path} is unreadable ({type(e).__name__}: "
-                                    f"{e}); {REPAIR_HINT}") from e
+            raise self.error(f"{self.location}: array {self.array.path} is unreadable ({type(e).__name__}: "
+                             f"{e}); {self.hint}") from e
 
 
 class _OIndex:
