@@ -47,7 +47,7 @@ from distill_pipe.store import head_from_model, make_codec  # noqa: E402
 from distill_pipe.store.inspect import bytes_under  # noqa: E402
 
 
-def _codecs_bench():
+def codecs_bench():
     """benchmarks/codecs.py (its name is the stdlib's `codecs`: loaded from its path)."""
     import importlib.util
 
@@ -203,7 +203,7 @@ def main() -> None:
     src = models.resolve("builtin:smollm2-135m")
     tok = models.load_tokenizer(src)
     n_all = max(args.tokens, args.smol_tokens)
-    ids = np.asarray(_codecs_bench().corpus_ids(tok, n_all), dtype=np.int64).reshape(-1, L)
+    ids = np.asarray(codecs_bench().corpus_ids(tok, n_all), dtype=np.int64).reshape(-1, L)
     smol = models.load_causal_lm(src, dtype=torch.float32).eval()
     smol_ids = ids[:args.smol_tokens // L]
     logp = torch.cat([lg.log_softmax(-1) for lg in logits_of(smol, smol_ids)])

@@ -15,7 +15,6 @@ for headtail (M: the mass outside its m most likely tokens), averaged over the p
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -24,19 +23,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from distill_pipe import models  # noqa: E402
 from distill_pipe.store import make_codec  # noqa: E402
+from store_sizes import codecs_bench  # noqa: E402
 
 SETTINGS = [("sampled", {"draws": 16}), ("sampled", {"draws": 32}), ("headtail", {"head": 4, "draws": 8}),
             ("headtail", {"head": 4, "draws": 16}), ("headtail", {"head": 8, "draws": 8})]
-
-
-def corpus_ids(tok, n_tokens: int) -> list[int]:
-    spec = importlib.util.spec_from_file_location("bench_codecs", REPO / "benchmarks" / "codecs.py")
-    mod = importlib.util.module_from_spec(spec)  # loaded by path: its name is the standard library's `codecs`
-    spec.loader.exec_module(mod)
-    return mod.corpus_ids(tok, n_tokens)
 
 
 def main() -> None:
@@ -48,7 +42,7 @@ def main() -> None:
     src = models.resolve("builtin:smollm2-135m")
     tok = models.load_tokenizer(src)
     teacher = models.load_causal_lm(src, dtype=torch.float32).eval()
-    ids = torch.tensor(corpus_ids(tok, a.tokens)).reshape(-1, 256)
+    ids = torch.tensor(codecs_bench().corpus_ids(tok, a.tokens)).reshape(-1, 256)
     with torch.no_grad():
         z = torch.cat([teacher(input_ids=ids[i:i + 2]).logits for i in range(0, len(ids), 2)])
     T, V = a.temperature, z.shape[-1]
