@@ -8,16 +8,18 @@ tests/unfused.py) runs only where it fits in --max-unfused-gib.
 
 Two gradient states, one row each (--grads):
   - existing: h.grad and W.grad are allocated before the step (micro-batches 2..k of gradient accumulation);
-    the growth is what the loss path holds above model, gradients and teacher inputs. The fused path's fp32
-    (V, d) head-gradient buffer is in it: autograd adds it into W.grad and frees it.
+    the growth is what the loss path holds above model, gradients and teacher inputs.
   - none: no .grad before the step (the first micro-batch after zero_grad(set_to_none=True), as the trainer
     does); the growth includes the gradients the step creates (autograd keeps the returned fp32 buffer as
     .grad without a copy), so the row also prints the growth minus the .grad tensors created.
---dtype bfloat16 makes h and W bf16 (a bf16 student without fp32 master weights): the fused path then holds
+The fused path runs as the train stage calls it (--head-grad sink: grad_scale given, the head's gradient added
+into W.grad inside the chunk loop); --head-grad autograd runs it without grad_scale (an fp32 (V, d) buffer held
+from forward to backward and handed to autograd, which adds it into W.grad: the public API under DDP and
+Hugging Face's Trainer). --dtype bfloat16 makes h and W bf16 (a bf16 student without fp32 master weights): the fused path then holds
 an fp32 copy of W and its fp32 gradient buffer, cast to bf16 on return.
 
     python benchmarks/student_memory.py [--d 2048] [--vocab 128256,262144] [--tokens 4096,16384]
-        [--grads none,existing] [--dtype float32] [--cuda]
+        [--grads none,existing] [--dtype float32] [--head-grad sink|autograd] [--cuda]
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _status_kib(key: str) -> int:
     return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith(key + ":"))
 
 
-def one_case(path: str, N: int, d: int, V: int, chunk: int | None, cuda: bool, grads: str, dtype: str) -> dict:
+def one_case(path: str, N: int, d: int, V: int, chunk: int | None, cuda: bool, grads: str, dtype: str,
+             head_grad: str = "sink") -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -74,7 +77,8 @@ def one_case(path: str, N: int, d: int, V: int, chunk: int | None, cuda: bool, g
             f.write("5")
         before = _status_kib("VmRSS") * 1024
     if path == "fused":
-        sums = head_loss(h, W, None, HeadSpec(V), y, teacher, alpha=0.5, temperature=2.0, chunk_size=chunk)
+        sums = head_loss(h, W, None, HeadSpec(V), y, teacher, alpha=0.5, temperature=2.0, chunk_size=chunk,
+                         grad_scale=1.0 if head_grad == "sink" else None)
     else:
         sums = hybrid_loss((h @ W.T).float(), y, teacher, alpha=0.5, temperature=2.0, chunk_size=chunk)
     sums.loss.backward()
@@ -97,12 +101,14 @@ def main() -> None:
                     help="gradient states to run, comma-separated: none (no .grad before the step), existing")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of h and W")
     ap.add_argument("--paths", default="fused,unfused", help="loss paths to run, comma-separated")
+    ap.add_argument("--head-grad", default="sink", choices=("sink", "autograd"),
+                    help="fused path: head gradient into W.grad in the loop (the train stage) or via autograd")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
         path, N, d, V, grads = a.case.split(",")
-        print(json.dumps(one_case(path, int(N), int(d), int(V), a.chunk_size, a.cuda, grads, a.dtype)))
+        print(json.dumps(one_case(path, int(N), int(d), int(V), a.chunk_size, a.cuda, grads, a.dtype, a.head_grad)))
         return
     grad_modes = a.grads.split(",")
     if not grad_modes or set(grad_modes) - {"none", "existing"}:
@@ -110,7 +116,7 @@ def main() -> None:
     loss_paths = a.paths.split(",")
     if not loss_paths or set(loss_paths) - {"fused", "unfused"}:
         sys.exit(f"error: --paths takes fused and/or unfused, comma-separated; got {a.paths!r}")
-    print(f"dtype {a.dtype}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
+    print(f"dtype {a.dtype}; fused head gradient: {a.head_grad}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
     print(f"{'path':8} {'.grad':8} {'N':>6} {'d':>5} {'V':>7} {'growth GiB':>11} {'-.grad GiB':>11} "
           f"{'(N,V) fp32 GiB':>15} {'ratio':>7} {'ratio-.grad':>12} {'s':>6}")
     for V in map(int, a.vocab.split(",")):
@@ -121,7 +127,8 @@ def main() -> None:
                         print(f"{path:8} {grads:8} {N:6} {a.d:5} {V:7}   not run: needs "
                               f"~{3 * 4 * N * V / 2**30:.0f} GiB > --max-unfused-gib {a.max_unfused_gib:g}")
                         continue
-                    cmd = [sys.executable, __file__, "--case", f"{path},{N},{a.d},{V},{grads}", "--dtype", a.dtype]
+                    cmd = [sys.executable, __file__, "--case", f"{path},{N},{a.d},{V},{grads}", "--dtype", a.dtype,
+                           "--head-grad", a.head_grad]
                     cmd += (["--cuda"] if a.cuda else []) + (["--chunk-size", str(a.chunk_size)] if a.chunk_size else [])
                     t0 = time.perf_counter()
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -215,8 +215,10 @@ class DistillLoss:
 
     # ------------------------------------------------------------------ one micro-batch
 
-    def __call__(self, model: nn.Module, batch: dict) -> LossSums:
-        """Loss SUMS of one micro-batch (a Collate output) and its counted tokens; never divided by a count."""
+    def __call__(self, model: nn.Module, batch: dict, *, grad_scale: float | None = None) -> LossSums:
+        """Loss SUMS of one micro-batch (a Collate output) and its counted tokens; never divided by a count.
+        grad_scale: losses.head_loss's (a promise to backpropagate loss * grad_scale exactly once; only where no
+        hook reduces gradients, e.g. not under DDP); `backward` passes it in a single process."""
         device = _device_of(model)
         ids_BL = batch["input_ids"].to(device)
         targets_BL = batch["shift_labels"].to(device)
@@ -230,7 +232,7 @@ class DistillLoss:
             teacher_fn = teacher_targets_fn(self._on_device(tb, device), cfg.temperature, self.vocab_size)
         return model_loss(model, ids_BL, targets_BL, teacher_fn, vocab_size=self.vocab_size, alpha=cfg.alpha,
                           temperature=cfg.temperature, chunk_size=cfg.loss_chunk_size, divergence=cfg.divergence,
-                          beta=cfg.beta)
+                          beta=cfg.beta, grad_scale=grad_scale)
 
     def normalise(self, loss_sum: torch.Tensor, step_tokens) -> torch.Tensor:
         """A micro-batch's loss to backpropagate: its sum over the step's GLOBAL token count (global_token_count,
@@ -249,11 +251,15 @@ class DistillLoss:
         step_tokens = global_token_count(batches)  # before the first backward
         device = _device_of(model)
         acc = torch.zeros(3, dtype=torch.float64, device=device)
+        # One process, no DDP wrapper: the loss may add the head's gradient into .grad itself (as the train stage
+        # does); under DDP, whose reduction hooks on gradient accumulation, autograd must hand it over.
+        alone = not dist.is_initialized() and not hasattr(model, "no_sync")
         for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync:
-                sums = self(model, batch)
+                scale = self.normalise(torch.ones(()), step_tokens).item() if alone else None
+                sums = self(model, batch, grad_scale=scale)
                 self.normalise(sums.loss, step_tokens).backward()
             acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)
             del sums

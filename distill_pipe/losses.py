@@ -22,7 +22,9 @@ w.r.t. h (N, d) and the head's weight (P, d) and bias, the chain rule of the hea
 Backward only scales these. So each teacher chunk is formed exactly once (the factored codec pays a matmul
 per chunk), and the loss holds O(C*V) fp32 temporaries (about five at its peak) plus the (N, d) and (P, d)
 gradients: no (N, V) tensor exists, forward or backward, in any dtype (the cost of the head's three matmuls
-is unchanged). A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
+is unchanged). Where the caller says how it will scale the loss (grad_scale: the trainer's 1 / global token
+count), dloss/dW is added, scaled, into the head weight's own .grad instead, so no (P, d) buffer exists
+beside it either. A -inf teacher logit is a zero-probability entry (dense-u8's dropped tail): 0 * log 0 = 0.
 
 Sparse targets (`sampled`, `topk` stores): the teacher function returns `SparseTargets` instead of (C, V)
 logits; the divergence is then gathered from the student's log-probs in the same chunk pass, so no (N, V) or
@@ -129,6 +131,7 @@ def model_loss(
     chunk_size: int | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    grad_scale: float | None = None,
 ) -> LossSums:
     """alpha*CE + (1-alpha)*T^2*D of a causal LM student on one micro-batch (the trainer's and the public API's
     entry point), fused with the student's output head: its (N, V) logits never exist.
@@ -137,13 +140,14 @@ def model_loss(
     vocab_size: the logits compared (the student's head rows and the teacher's are sliced to it; None: all of the
     head's); teacher_logits_fn over the flattened positions [start, end) of this micro-batch (None iff alpha == 1).
     divergence, beta: what takes the KL's place (train.divergence, train.beta; divergences.py).
+    grad_scale: the factor the caller's backward applies to the loss (head_loss: the trainer's 1 / global count).
     The loss runs inside the model's forward in place of its output head (student_head.run_head).
     """
     spec = head_spec(model, vocab_size)
     targets_N = targets_BL.flatten()
     return run_head(model, input_ids_BL, lambda hidden_BLd, weight_Pd, bias_P: head_loss(
         hidden_BLd.flatten(0, 1), weight_Pd, bias_P, spec, targets_N, teacher_logits_fn, alpha=alpha,
-        temperature=temperature, chunk_size=chunk_size, divergence=divergence, beta=beta))
+        temperature=temperature, chunk_size=chunk_size, divergence=divergence, beta=beta, grad_scale=grad_scale))
 
 
 def head_loss(
@@ -159,11 +163,22 @@ def head_loss(
     chunk_size: int | None = None,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    grad_scale: float | None = None,
 ) -> LossSums:
     """The fused loss over last hidden states (N, d) and an output head (weight (P, d), bias (P,) or None, spec:
     what the student applies to its logits and which rows count): differentiable w.r.t. all three.
 
     teacher_logits_fn is never called when alpha == 1 (plain LM training) and may then be None.
+
+    grad_scale (None: off) is a promise that the loss will be backpropagated exactly once, times grad_scale
+    ((loss * grad_scale).backward() or (loss / count).backward() with grad_scale = 1 / count). The head's
+    gradient is then added, already scaled, straight into weight_Pd.grad (created when it is None) in the chunk
+    loop, instead of into an fp32 (P, d) buffer that backward hands to autograd: with .grad existing
+    (accumulation micro-batches 2..k) that buffer is 4 P d bytes on top of the gradients (1 GiB at d = 2,048,
+    V = 128,256). Only for an fp32 leaf weight without hooks (other heads take the buffer path) and only where
+    nothing reduces gradients from accumulation hooks (DDP does; FSDP2 reads .grad after backward and single-
+    process training reads it at the optimizer step: the trainer passes it, the public API does not). backward
+    raises if the factor it receives is another one (.grad already holds the head's part by then).
     """
     check_hparams(alpha, temperature)
     check_divergence(divergence, beta)
@@ -179,11 +194,22 @@ def head_loss(
     # Under no_grad (eval) no gradient is formed; needs_input_grad ignores grad mode.
     build_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden_Nd, weight_Pd, bias_P))
+    sink = build_grad and grad_scale is not None and _grad_sink(weight_Pd)
     loss, ce, kl = _FusedHeadSums.apply(
         hidden_Nd, weight_Pd, bias_P, targets_N, teacher_logits_fn if kl_weight else None, spec,
-        alpha, kl_weight, temperature, chunks, build_grad, divergence, beta,
+        alpha, kl_weight, temperature, chunks, build_grad, divergence, beta, grad_scale if sink else None,
     )
     return LossSums(loss=loss, ce=ce, kl=kl, num_tokens=sum(len(rows) for _, _, rows in chunks))
+
+
+def _grad_sink(weight: torch.Tensor) -> bool:
+    """Whether head_loss may add the head's gradient into weight.grad itself (see grad_scale)."""
+    grad = weight.grad
+    return (weight.is_leaf and weight.requires_grad and weight.dtype == torch.float32 and type(weight) in
+            (torch.Tensor, torch.nn.Parameter) and not weight._backward_hooks
+            and not getattr(weight, "_post_accumulate_grad_hooks", None)
+            and (grad is None or (grad.layout == torch.strided and grad.dtype == torch.float32
+                                  and grad.shape == weight.shape and grad.is_contiguous())))
 
 
 def _plan_chunks(targets_N: torch.Tensor, chunk_size: int) -> list[tuple[int, int, torch.Tensor]]:
@@ -206,12 +232,19 @@ def _plan_chunks(targets_N: torch.Tensor, chunk_size: int) -> list[tuple[int, in
 
 class _FusedHeadSums(torch.autograd.Function):
     """(loss, ce, kl) sums over hidden states and an output head; the gradients w.r.t. the hidden states and the
-    head's weight and bias are accumulated in fp32 chunk by chunk in forward, and backward only scales them."""
+    head's weight and bias are accumulated in fp32 chunk by chunk in forward, and backward only scales them.
+    With grad_scale (head_loss) the weight's goes into weight.grad, scaled, and backward returns None for it."""
 
     @staticmethod
     def forward(ctx, hidden_Nd, weight_Pd, bias_P, targets_N, teacher_logits_fn, spec, ce_weight, kl_weight,
-                temperature, chunks, build_grad, divergence, beta):
+                temperature, chunks, build_grad, divergence, beta, grad_scale):
         need_h, need_w, need_b = (build_grad and ctx.needs_input_grad[i] for i in range(3))
+        sink_w = None
+        if need_w and grad_scale is not None:  # straight into .grad (no (P, d) buffer)
+            if weight_Pd.grad is None:
+                weight_Pd.grad = torch.zeros_like(weight_Pd, memory_format=torch.contiguous_format)
+            sink_w, need_w = weight_Pd.grad, False
+        ctx.grad_scale = grad_scale if sink_w is not None else None
         fp32 = dict(dtype=torch.float32, device=hidden_Nd.device)
         ce, kl = torch.zeros((), **fp32), torch.zeros((), **fp32)
         W_Vd, b_V = spec.prepare(weight_Pd, bias_P)
@@ -238,6 +271,8 @@ class _FusedHeadSums(torch.autograd.Function):
                         grad_h.index_copy_(0, rows_C, g_CV @ W_Vd)
                     if need_w:
                         grad_w[:V].addmm_(g_CV.T, h_Cd)
+                    elif sink_w is not None:
+                        sink_w[:V].addmm_(g_CV.T, h_Cd, alpha=grad_scale)
                     if need_b:
                         grad_b[:V].add_(g_CV.sum(0))
                 del z_CV, g_CV, h_Cd
@@ -251,12 +286,17 @@ class _FusedHeadSums(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_ce, grad_kl):
         grads = ctx.grads
+        if ctx.grad_scale is not None and not math.isclose(float(grad_loss), ctx.grad_scale, rel_tol=1e-5):
+            raise RuntimeError(f"the loss was built with grad_scale={ctx.grad_scale:.6g} (its head gradient is "
+                               f"already in .grad, times that) but backpropagated times {float(grad_loss):.6g}; "
+                               "backpropagate loss * grad_scale, or build it with grad_scale=None (a Trainer "
+                               "subclass whose compute_loss rescales the loss: set self._grad_scale = None first)")
         # Scaled in place and handed over (autograd takes a tensor as .grad when the parameter has none): once.
         assert grads is not None, "the loss's backward ran twice (retain_graph is not supported)"
         ctx.grads = None
         out = [None if g is None else g[0].mul_(grad_loss).to(g[1]) for g in grads]
         del grads
-        return (*out, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _counted_rows(t, start: int, end: int, rows_C: torch.Tensor, V: int):

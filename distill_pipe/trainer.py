@@ -103,6 +103,9 @@ class Trainer(BatchSource):
     target_masks[split][n, t] is 1 (in every term and every count); None: every next token counts.
     """
 
+    _grad_scale: float | None = None
+    """1 / the step's global token count while train_step backpropagates (compute_loss hands it to the loss)."""
+
     def __init__(self, model: nn.Module, cfg: TrainConfig, data: dict, *, out_dir: str | Path,
                  info: DistInfo | None = None, fingerprint: dict | None = None,
                  on_best: Callable[[Trainer], None] | None = None,
@@ -177,6 +180,9 @@ class Trainer(BatchSource):
         denom = max(global_count, 1)
         # float64 on the device: the same sums as adding Python floats, without a sync per micro-batch
         acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # The loss adds the head's gradient into .grad already divided by denom (losses.head_loss grad_scale):
+        # no fp32 (V, d) buffer beside .grad. Nothing here reduces gradients from hooks (FSDP2 reads .grad).
+        self._grad_scale = 1.0 / denom
         for m, batch in enumerate(batches):
             batch = self.materialize(batch)
             if self.fsdp:  # reduce gradients across ranks once, after the last micro-batch
@@ -186,6 +192,7 @@ class Trainer(BatchSource):
             assert sums.num_tokens == batch.num_tokens, "compute_loss counted other tokens than make_targets"
             acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)
             del batch, sums  # the next read-ahead payload may take this one's memory
+        self._grad_scale = None
         loss_sum, ce_sum, kl_sum = acc.tolist()
         grad_norm = self._clip()
         lr = self.scheduler.get_last_lr()[0]
@@ -409,7 +416,8 @@ class DistillTrainer(Trainer):
             teacher_fn = teacher_targets_fn(tb, self.cfg.temperature, self.vocab_size)
         return model_loss(model, batch.input_ids_BL, batch.targets_BL, teacher_fn, vocab_size=self.vocab_size,
                           alpha=self.cfg.alpha, temperature=self.cfg.temperature,
-                          chunk_size=self.cfg.loss_chunk_size, divergence=self.cfg.divergence, beta=self.cfg.beta)
+                          chunk_size=self.cfg.loss_chunk_size, divergence=self.cfg.divergence, beta=self.cfg.beta,
+                          grad_scale=self._grad_scale if torch.is_grad_enabled() else None)
 
 
 def teacher_targets_fn(tb, temperature: float, vocab_size: int | None):

@@ -82,7 +82,7 @@ def assert_bit_equal(a: dict, b: dict) -> None:
     assert not different, f"weights differ: {different}"
 
 
-def test_both_examples_reproduce_the_cli_run_bit_for_bit(proj):
+def test_the_plain_loop_reproduces_the_cli_run_bit_for_bit_and_hf_trainer_to_rounding(proj):
     cli_rows, cli_eval, cli_weights = cli_run(proj)
     init = weights(proj / "student")
     assert any(not torch.equal(init[k], cli_weights[k]) for k in init)  # the run changed the student
@@ -98,7 +98,12 @@ def test_both_examples_reproduce_the_cli_run_bit_for_bit(proj):
     assert [h["step"] for h in hf["history"]] == [1, 2]
     # the Trainer sums the micro-batches' normalised losses in float32; the stage sums in float64 and divides once
     np.testing.assert_allclose([h["loss"] for h in hf["history"]], [float(r["loss"]) for r in cli_rows], rtol=1e-6)
-    assert_bit_equal(weights(proj / "hf"), cli_weights)
+    # Hugging Face's Trainer backpropagates the loss itself, so there the head's gradient reaches .grad through
+    # autograd (a buffer, then scaled) rather than scaled in the chunk loop: the same sums, rounded differently.
+    hf_weights = weights(proj / "hf")
+    assert hf_weights.keys() == cli_weights.keys()
+    for k in cli_weights:
+        torch.testing.assert_close(hf_weights[k], cli_weights[k], rtol=1e-5, atol=1e-6)
 
 
 def test_accumulation_2x2_equals_1x4_through_the_api(proj):

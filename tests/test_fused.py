@@ -22,6 +22,8 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import unfused
 from distill_pipe.config import ConfigError
@@ -539,3 +541,84 @@ def test_no_n_by_v_tensor_on_the_student_side(family):
     assert largest < N * V, mode.largest
     assert largest <= C * V, mode.largest
     assert torch.isfinite(h.grad).all() and torch.isfinite(W.grad).all() and torch.isfinite(b.grad).all()
+
+
+# ---------------------------------------------------------------- grad_scale: the head's gradient straight into .grad
+
+
+class _NewStorages(TorchDispatchMode):
+    """The largest storage (in elements of its dtype) any op under the mode allocated: views and in-place
+    results, which share an argument's storage, are not counted (unlike _LargestTensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+def _sinked(h, W, b, spec, y, t, *, scale, grad, backward_factor=None, **kw):
+    """head_loss with grad_scale=scale on copies (W.grad set to `grad` first), backpropagated times
+    backward_factor (default: scale); returns (sums, h.grad, W.grad, b.grad, largest tensor per dtype)."""
+    h, W, b = (None if x is None else x.detach().clone().requires_grad_(True) for x in (h, W, b))
+    W.grad = None if grad is None else grad.clone()
+    with _NewStorages() as mode:
+        sums = head_loss(h, W, b, spec, y, lambda s, e: t[s:e], temperature=2.0, grad_scale=scale, **kw)
+        (sums.loss * (scale if backward_factor is None else backward_factor)).backward()
+    return sums, h.grad, W.grad, None if b is None else b.grad, mode.largest
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_grad_scale_adds_the_scaled_head_gradient_into_grad_without_a_head_sized_buffer(existing):
+    """With grad_scale the head's gradient goes into W.grad, times the scale, in the chunk loop: W.grad ends as
+    what was there + scale * the float64 reference's, h's and b's gradients are the reference's times the scale,
+    and no tensor of the head's size is created besides W.grad (without grad_scale there is one: the buffer)."""
+    N, d, P = 16, 64, 50  # the head (P x d) is larger than any chunk block (4 x P) or h (N x d)
+    h, W, b, y, t, g = head_case(N=N, d=d, P=P, seed=21)
+    spec = HeadSpec(P, scale=0.8, softcap=6.0)
+    before = torch.randn(P, d, generator=g) if existing else None
+    kw = dict(alpha=0.4, divergence="jsd", beta=0.3, chunk_size=4)
+    sums, gh, gw, gb, largest = _sinked(h, W, b, spec, y, t, scale=0.125, grad=before, **kw)
+    loss, ce, div, rh, rw, rb = reference(h, W, b, spec, y, t, alpha=0.4, T=2.0, divergence="jsd", beta=0.3)
+    close(sums.loss, loss)
+    close(gh, 0.125 * rh)
+    close(gb, 0.125 * rb)
+    close(gw, (0 if before is None else before.double()) + 0.125 * rw)
+    if existing:
+        assert largest < P * d, largest  # W.grad was there: nothing of its size is made
+    *_, plain = _sinked(h, W, b, spec, y, t, scale=None, grad=before, backward_factor=0.125, **kw)
+    assert plain >= P * d, plain  # the buffer path, as a control that the count sees it
+
+
+def test_grad_scale_with_another_backward_factor_is_an_error():
+    h, W, b, y, t, g = head_case(seed=22)
+    with pytest.raises(RuntimeError, match="grad_scale=0.5 .* backpropagated times 1"):
+        _sinked(h, W, b, HeadSpec(W.shape[0]), y, t, scale=0.5, grad=None, backward_factor=1.0, alpha=0.5,
+                chunk_size=4)
+
+
+def test_grad_scale_leaves_bf16_and_hooked_heads_to_autograd():
+    """A bf16 weight, or one with a post-accumulate-grad hook (what gradient reducers use), gets its gradient
+    through autograd as without grad_scale: the same values, and the hook fires."""
+    h, W, b, y, t, g = head_case(seed=23)
+    spec, kw = HeadSpec(W.shape[0]), dict(alpha=0.5, temperature=2.0, chunk_size=4)
+    ref = head_loss(h, W.clone().requires_grad_(True), b, spec, y, lambda s, e: t[s:e], **kw)
+    Wr = W.clone().requires_grad_(True)
+    (head_loss(h, Wr, b, spec, y, lambda s, e: t[s:e], **kw).loss * 0.25).backward()
+    fired = []
+    Wh = W.clone().requires_grad_(True)
+    Wh.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    (head_loss(h, Wh, b, spec, y, lambda s, e: t[s:e], grad_scale=0.25, **kw).loss * 0.25).backward()
+    assert len(fired) == 1 and torch.equal(fired[0], Wr.grad) and torch.equal(Wh.grad, Wr.grad)
+    Wb = W.bfloat16().requires_grad_(True)
+    (head_loss(h, Wb, b, spec, y, lambda s, e: t[s:e], grad_scale=0.25, **kw).loss * 0.25).backward()
+    assert Wb.grad.dtype == torch.bfloat16
+    close(Wb.grad, Wr.grad.double(), rtol=2e-2)
+    del ref

@@ -135,8 +135,9 @@ class _HybridSums(torch.autograd.Function):
 
 
 def model_loss(model, input_ids_BL, targets_BL, teacher_logits_fn, *, vocab_size, alpha, temperature,
-               chunk_size=None, divergence="forward_kl", beta=0.5) -> LossSums:
-    """losses.model_loss as it was: the student's whole (B, L, V) logits from its forward, then hybrid_loss."""
+               chunk_size=None, divergence="forward_kl", beta=0.5, grad_scale=None) -> LossSums:
+    """losses.model_loss as it was: the student's whole (B, L, V) logits from its forward, then hybrid_loss
+    (grad_scale, the fused path's promise, is ignored: autograd carries every gradient here)."""
     logits_BLV = model(input_ids=input_ids_BL, use_cache=False).logits
     V = vocab_size or logits_BLV.shape[-1]
     return hybrid_loss(logits_BLV.flatten(0, 1)[:, :V], targets_BL.flatten(), teacher_logits_fn, alpha=alpha,
