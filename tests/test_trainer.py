@@ -22,13 +22,13 @@ from distill_pipe.trainer import CheckpointError, DistillTrainer
 V, L = 64, 16
 
 
-def tiny_model(seed: int = 0, vocab_size: int = V):
+def tiny_model(seed: int = 0, vocab_size: int = V, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
@@ -74,8 +74,8 @@ def assert_same_weights(a: dict, b: dict, atol: float = 2e-6) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
-def train(tmp: Path, data: dict, c: TrainConfig, trainer_cls=MaskedTrainer, seed: int = 0, **kw):
-    model = tiny_model(seed)
+def train(tmp: Path, data: dict, c: TrainConfig, trainer_cls=MaskedTrainer, seed: int = 0, tied: bool = False, **kw):
+    model = tiny_model(seed, tied=tied)
     t = trainer_cls(model, c, data, out_dir=tmp, show_progress=False, **kw)
     t.train()
     return t, params_of(model)
@@ -84,10 +84,10 @@ def train(tmp: Path, data: dict, c: TrainConfig, trainer_cls=MaskedTrainer, seed
 # ---------------------------------------------------------------- exactness
 
 
-def reference_ce_training(data: dict, c: TrainConfig, global_batch: int, targets_fn) -> dict:
+def reference_ce_training(data: dict, c: TrainConfig, global_batch: int, targets_fn, tied: bool = False) -> dict:
     """Plain CE training written out: one forward per optimizer step over the whole global batch,
     F.cross_entropy mean over the step's tokens, AdamW, clipping, warmup + cosine, the same data order."""
-    model = tiny_model(0)
+    model = tiny_model(0, tied=tied)
     opt = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, weight_decay=0.0)
     n = len(data["train"])
     per_epoch = math.ceil(n / global_batch)
@@ -142,12 +142,16 @@ def test_per_microbatch_mean_would_differ(tmp_path):
         assert_same_weights(good, bad)
 
 
-def test_alpha_one_equals_plain_ce_training(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_alpha_one_equals_plain_ce_training(tmp_path, tied):
     data = tiny_data(16)
-    c = cfg(batch_size=4, gradient_accumulation_steps=1, num_epochs=1.5)
-    t, w = train(tmp_path, data, c, trainer_cls=DistillTrainer)
-    ref = reference_ce_training(data, c, 4, lambda ids, idx: shift_for_next_token(ids))
-    assert_same_weights(w, ref)
+    c = cfg(batch_size=2, gradient_accumulation_steps=2, num_epochs=1.5)  # 2 micro-batches: .grad exists in the 2nd
+    t, w = train(tmp_path, data, c, trainer_cls=DistillTrainer, tied=tied)
+    ref = reference_ce_training(data, c, 4, lambda ids, idx: shift_for_next_token(ids), tied=tied)
+    # tied: the head's and the embedding's gradients meet in another order than in the reference's autograd (the
+    # same with the head's gradient through autograd: 4.6e-6 at most, in weights that AdamW moved from near-zero
+    # gradients), so the tolerance is float noise a little above the untied one's
+    assert_same_weights(w, ref, atol=1e-5 if tied else 2e-6)
     assert t.store is None and t.step == 6  # 16 sequences / 4 = 4 steps per epoch, 1.5 epochs
     rows = read_history(tmp_path / "dvclive", "train")
     assert [int(r["step"]) for r in rows] == list(range(1, 7))
@@ -162,7 +166,7 @@ def _free_port() -> int:
 
 
 def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, data: dict, param_dtype,
-                 trainer_kw=None) -> None:
+                 trainer_kw=None, tied: bool = False) -> None:
     """trainer_kw: None (a MaskedTrainer) or a picklable () -> {"cls": ..., **constructor kwargs}."""
     import torch.distributed as dist
 
@@ -173,7 +177,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, dat
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = fsdp_wrap(tiny_model(0), param_dtype)
+        model = fsdp_wrap(tiny_model(0, tied=tied), param_dtype)
         kw = trainer_kw() if trainer_kw else {}
         t = kw.pop("cls", MaskedTrainer)(model, c, data, out_dir=out, show_progress=False,
                                          info=DistInfo(rank, world, rank, torch.device("cpu")), **kw)
@@ -185,21 +189,25 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, dat
         dist.destroy_process_group()
 
 
-def run_ranks(out: Path, c: TrainConfig, data: dict, world: int = 2, param_dtype=None, trainer_kw=None) -> dict:
+def run_ranks(out: Path, c: TrainConfig, data: dict, world: int = 2, param_dtype=None, trainer_kw=None,
+              tied: bool = False) -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out), c, data, param_dtype, trainer_kw), nprocs=world,
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out), c, data, param_dtype, trainer_kw, tied), nprocs=world,
              join=True)
     return torch.load(out / "weights.pt")
 
 
-def test_two_fsdp_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_two_fsdp_ranks_equal_one_process(tmp_path, tied):
     """2 gloo ranks under FSDP2 (gradients SUMMED, not averaged over ranks) == 1 process, same global batch.
-    21 sequences / 8 per step: the last step has 5, so a rank gets a padding micro-batch."""
+    21 sequences / 8 per step: the last step has 5, so a rank gets a padding micro-batch. Tied and untied heads:
+    the loss adds the head's gradient into the (gathered) weight's .grad itself, which FSDP2 then reduces."""
     data = tiny_data(21)
     c2 = cfg(batch_size=2, gradient_accumulation_steps=2, save_steps=4, eval_steps=2)
-    w2 = run_ranks(tmp_path / "r2", c2, data)
-    _, w1 = train(tmp_path / "r1", data, cfg(batch_size=4, gradient_accumulation_steps=2, save_steps=4, eval_steps=2))
+    w2 = run_ranks(tmp_path / "r2", c2, data, tied=tied)
+    _, w1 = train(tmp_path / "r1", data, cfg(batch_size=4, gradient_accumulation_steps=2, save_steps=4, eval_steps=2),
+                  tied=tied)
     assert_same_weights(w2, w1)
     # eval uses the same normalisation across ranks: identical eval curves
     e1 = read_history(tmp_path / "r1" / "dvclive", "eval")
