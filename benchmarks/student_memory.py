@@ -19,7 +19,8 @@ Hugging Face's Trainer). --dtype bfloat16 makes h and W bf16 (a bf16 student wit
 an fp32 copy of W and its fp32 gradient buffer, cast to bf16 on return.
 
     python benchmarks/student_memory.py [--d 2048] [--vocab 128256,262144] [--tokens 4096,16384]
-        [--grads none,existing] [--dtype float32] [--head-grad sink|autograd] [--cuda]
+        [--grads none,existing] [--dtype float32] [--head-grad sink|autograd] [--softcap CAP] [--autocast]
+        [--cuda]
 """
 
 from __future__ import annotations
@@ -39,14 +40,12 @@ def _status_kib(key: str) -> int:
 
 
 def one_case(path: str, N: int, d: int, V: int, chunk: int | None, cuda: bool, grads: str, dtype: str,
-             head_grad: str = "sink") -> dict:
+             head_grad: str = "sink", softcap: float | None = None, autocast: bool = False) -> dict:
+    import contextlib
+
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from distill_pipe.losses import head_loss
-    from distill_pipe.student_head import HeadSpec
-    from tests.unfused import hybrid_loss
-
     dev = torch.device("cuda" if cuda else "cpu")
     g = torch.Generator(device="cpu").manual_seed(0)
     dt = getattr(torch, dtype)
@@ -76,17 +75,30 @@ def one_case(path: str, N: int, d: int, V: int, chunk: int | None, cuda: bool, g
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_kib("VmRSS") * 1024
-    if path == "fused":
-        sums = head_loss(h, W, None, HeadSpec(V), y, teacher, alpha=0.5, temperature=2.0, chunk_size=chunk,
-                         grad_scale=1.0 if head_grad == "sink" else None)
-    else:
-        sums = hybrid_loss((h @ W.T).float(), y, teacher, alpha=0.5, temperature=2.0, chunk_size=chunk)
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with amp:
+        sums = _loss(path, h, W, V, y, teacher, chunk, head_grad, softcap)
     sums.loss.backward()
     if cuda:
         torch.cuda.synchronize()
     created = 0 if grads == "existing" else sum(t.grad.nbytes for t in (h, W))
     return {"path": path, "N": N, "d": d, "V": V, "loss_path_bytes": peak() - before, "NV_fp32_bytes": 4 * N * V,
             "grads_created_bytes": created, "loss": float(sums.loss)}
+
+
+def _loss(path, h, W, V, y, teacher, chunk, head_grad, softcap):
+    import torch
+
+    from distill_pipe.losses import head_loss
+    from distill_pipe.student_head import HeadSpec
+    from tests.unfused import hybrid_loss
+
+    if path == "fused":
+        return head_loss(h, W, None, HeadSpec(V, softcap=softcap), y, teacher, alpha=0.5, temperature=2.0,
+                         chunk_size=chunk, grad_scale=1.0 if head_grad == "sink" else None)
+    z = (h @ W.T).float()
+    return hybrid_loss(z if softcap is None else softcap * torch.tanh(z / softcap), y, teacher, alpha=0.5,
+                       temperature=2.0, chunk_size=chunk)
 
 
 def main() -> None:
@@ -103,12 +115,15 @@ def main() -> None:
     ap.add_argument("--paths", default="fused,unfused", help="loss paths to run, comma-separated")
     ap.add_argument("--head-grad", default="sink", choices=("sink", "autograd"),
                     help="fused path: head gradient into W.grad in the loop (the train stage) or via autograd")
+    ap.add_argument("--autocast", action="store_true", help="run the loss under bf16 autocast")
+    ap.add_argument("--softcap", type=float, default=None, help="a final soft-cap on the student's logits (Gemma 2/3)")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
         path, N, d, V, grads = a.case.split(",")
-        print(json.dumps(one_case(path, int(N), int(d), int(V), a.chunk_size, a.cuda, grads, a.dtype, a.head_grad)))
+        print(json.dumps(one_case(path, int(N), int(d), int(V), a.chunk_size, a.cuda, grads, a.dtype, a.head_grad,
+                                  a.softcap, a.autocast)))
         return
     grad_modes = a.grads.split(",")
     if not grad_modes or set(grad_modes) - {"none", "existing"}:
@@ -116,7 +131,7 @@ def main() -> None:
     loss_paths = a.paths.split(",")
     if not loss_paths or set(loss_paths) - {"fused", "unfused"}:
         sys.exit(f"error: --paths takes fused and/or unfused, comma-separated; got {a.paths!r}")
-    print(f"dtype {a.dtype}; fused head gradient: {a.head_grad}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
+    print(f"dtype {a.dtype}; fused head gradient: {a.head_grad}; softcap {a.softcap}; autocast {a.autocast}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
     print(f"{'path':8} {'.grad':8} {'N':>6} {'d':>5} {'V':>7} {'growth GiB':>11} {'-.grad GiB':>11} "
           f"{'(N,V) fp32 GiB':>15} {'ratio':>7} {'ratio-.grad':>12} {'s':>6}")
     for V in map(int, a.vocab.split(",")):
@@ -128,7 +143,8 @@ def main() -> None:
                               f"~{3 * 4 * N * V / 2**30:.0f} GiB > --max-unfused-gib {a.max_unfused_gib:g}")
                         continue
                     cmd = [sys.executable, __file__, "--case", f"{path},{N},{a.d},{V},{grads}", "--dtype", a.dtype,
-                           "--head-grad", a.head_grad]
+                           "--head-grad", a.head_grad] + (["--softcap", str(a.softcap)] if a.softcap else []) + \
+                        (["--autocast"] if a.autocast else [])
                     cmd += (["--cuda"] if a.cuda else []) + (["--chunk-size", str(a.chunk_size)] if a.chunk_size else [])
                     t0 = time.perf_counter()
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -3,6 +3,8 @@
     python benchmarks/train_step.py                       # builtin teacher, 20-layer student, batch 2 x 256
     python benchmarks/train_step.py --batch-size 1 --seq-len 128 --steps 2    # quicker
     python benchmarks/train_step.py --batch-size 4 --seq-len 256 --skip-rss --unfused  # the demo's step, old vs new
+    python benchmarks/train_step.py --synthetic 128256,512,4 --keep-layers 2 --batch-size 2 --seq-len 512 --skip-rss
+                                    # a large vocabulary: a random Llama teacher (V, d, layers) built on the spot
 
 Every variant runs the real `DistillTrainer.train_step` (store read, decode, chunked fp32 loss, backward,
 AdamW) on the same student weights and the same batch, in one process:
@@ -40,9 +42,10 @@ from distill_pipe.store import create_store, head_from_model, make_codec, open_s
 from distill_pipe.store.writer import write_shard  # noqa: E402
 from distill_pipe.trainer import DistillTrainer, Trainer  # noqa: E402
 
-CODECS = ("factored", "dense-bf16", "dense-u8", "sampled", "topk")
+CODECS = ("factored", "dense-bf16", "dense-u8", "sampled", "topk", "headtail")
 # The sparse codecs hold the teacher at the benchmark's T = 2 (they refuse any other training temperature).
-CODEC_PARAMS = {"sampled": {"draws": 32, "temperature": 2.0}, "topk": {"k": 32, "temperature": 2.0}}
+CODEC_PARAMS = {"sampled": {"draws": 32, "temperature": 2.0}, "topk": {"k": 32, "temperature": 2.0},
+                "headtail": {"head": 4, "draws": 16, "temperature": 2.0}}
 
 
 def corpus_ids(tok, n: int, seq_len: int) -> np.ndarray:
@@ -156,6 +159,9 @@ def du(path: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="builtin:smollm2-135m")
+    ap.add_argument("--synthetic", metavar="V,D,LAYERS",
+                    help="instead of --teacher: a randomly initialised Llama of this vocabulary, hidden size and "
+                         "depth (random token ids; step time does not depend on what the weights have learnt)")
     ap.add_argument("--keep-layers", type=int, default=20, help="decoder layers the student keeps")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -180,8 +186,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    teacher = models.load_causal_lm(args.teacher, dtype=torch.float32)
-    tok = models.load_tokenizer(args.teacher)
+    if args.synthetic:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        sv, sd, sl = (int(x) for x in args.synthetic.split(","))
+        teacher = LlamaForCausalLM(LlamaConfig(vocab_size=sv, hidden_size=sd, intermediate_size=4 * sd,
+                                               num_hidden_layers=sl, num_attention_heads=max(1, sd // 64),
+                                               num_key_value_heads=max(1, sd // 256), tie_word_embeddings=True))
+        tok = None
+    else:
+        teacher = models.load_causal_lm(args.teacher, dtype=torch.float32)
+        tok = models.load_tokenizer(args.teacher)
     n_layers = teacher.config.num_hidden_layers
     keep = min(args.keep_layers, n_layers)
     # Which layers does not change the step time; keep the ends (the first and last matter most) and
@@ -190,9 +205,10 @@ def main() -> None:
     student = keep_layers(copy.deepcopy(teacher), layers)
     V, d = teacher.config.vocab_size, teacher.config.hidden_size
     B, L = args.batch_size, args.seq_len
-    ids = corpus_ids(tok, B, L)
+    ids = corpus_ids(tok, B, L) if tok is not None else \
+        np.random.default_rng(0).integers(0, V, (B, L)).astype(np.int32)
     ids_BL = torch.from_numpy(ids).long()
-    print(f"teacher {args.teacher}: {n_layers} layers, d={d}, V={V}; student keeps {len(layers)} layers; "
+    print(f"teacher {'synthetic ' + args.synthetic if args.synthetic else args.teacher}: {n_layers} layers, d={d}, V={V}; student keeps {len(layers)} layers; "
           f"batch {B} x {L} = {B * L} tokens; best and median of {args.steps} steps after {args.warmup} warm-up; "
           f"torch threads {torch.get_num_threads()}; setup {time.perf_counter() - t0:.0f} s", flush=True)
 
