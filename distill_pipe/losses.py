@@ -177,8 +177,9 @@ def head_loss(
     (accumulation micro-batches 2..k) that buffer is 4 P d bytes on top of the gradients (1 GiB at d = 2,048,
     V = 128,256). Only for an fp32 leaf weight without hooks (other heads take the buffer path) and only where
     nothing reduces gradients from accumulation hooks (DDP does; FSDP2 reads .grad after backward and single-
-    process training reads it at the optimizer step: the trainer passes it, the public API does not). backward
-    raises if the factor it receives is another one (.grad already holds the head's part by then).
+    process training reads it at the optimizer step: the trainer passes it, and api.DistillLoss.backward in one
+    process without DDP). backward raises if the factor it receives is another one (.grad already holds the
+    head's part by then).
     """
     check_hparams(alpha, temperature)
     check_divergence(divergence, beta)
