@@ -131,7 +131,8 @@ def main() -> None:
     loss_paths = a.paths.split(",")
     if not loss_paths or set(loss_paths) - {"fused", "unfused"}:
         sys.exit(f"error: --paths takes fused and/or unfused, comma-separated; got {a.paths!r}")
-    print(f"dtype {a.dtype}; fused head gradient: {a.head_grad}; softcap {a.softcap}; autocast {a.autocast}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
+    head_grad = a.head_grad if a.dtype == "float32" else "autograd (a bf16 head cannot take the sink)"
+    print(f"dtype {a.dtype}; fused head gradient: {head_grad}; softcap {a.softcap}; autocast {a.autocast}; growth of peak {'CUDA memory' if a.cuda else 'RSS'} in one forward + backward")
     print(f"{'path':8} {'.grad':8} {'N':>6} {'d':>5} {'V':>7} {'growth GiB':>11} {'-.grad GiB':>11} "
           f"{'(N,V) fp32 GiB':>15} {'ratio':>7} {'ratio-.grad':>12} {'s':>6}")
     for V in map(int, a.vocab.split(",")):

@@ -179,7 +179,8 @@ def head_loss(
     nothing reduces gradients from accumulation hooks (DDP does; FSDP2 reads .grad after backward and single-
     process training reads it at the optimizer step: the trainer passes it, and api.DistillLoss.backward in one
     process without DDP). backward raises if the factor it receives is another one (.grad already holds the
-    head's part by then).
+    head's part by then). If the forward raises partway (a teacher read failing) or its loss is never
+    backpropagated, .grad keeps what the chunks before added: zero the gradients before using them again.
     """
     check_hparams(alpha, temperature)
     check_divergence(divergence, beta)
@@ -290,8 +291,7 @@ class _FusedHeadSums(torch.autograd.Function):
         if ctx.grad_scale is not None and not math.isclose(float(grad_loss), ctx.grad_scale, rel_tol=1e-5):
             raise RuntimeError(f"the loss was built with grad_scale={ctx.grad_scale:.6g} (its head gradient is "
                                f"already in .grad, times that) but backpropagated times {float(grad_loss):.6g}; "
-                               "backpropagate loss * grad_scale, or build it with grad_scale=None (a Trainer "
-                               "subclass whose compute_loss rescales the loss: set self._grad_scale = None first)")
+                               "backpropagate loss * grad_scale, or build it with grad_scale=None")
         # Scaled in place and handed over (autograd takes a tensor as .grad when the parameter has none): once.
         assert grads is not None, "the loss's backward ran twice (retain_graph is not supported)"
         ctx.grads = None

@@ -183,16 +183,18 @@ class Trainer(BatchSource):
         # The loss adds the head's gradient into .grad already divided by denom (losses.head_loss grad_scale):
         # no fp32 (V, d) buffer beside .grad. Nothing here reduces gradients from hooks (FSDP2 reads .grad).
         self._grad_scale = 1.0 / denom
-        for m, batch in enumerate(batches):
-            batch = self.materialize(batch)
-            if self.fsdp:  # reduce gradients across ranks once, after the last micro-batch
-                self.model.set_requires_gradient_sync(m == len(batches) - 1)
-            sums = self._forward_loss(batch)
-            (sums.loss / denom).backward()
-            assert sums.num_tokens == batch.num_tokens, "compute_loss counted other tokens than make_targets"
-            acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)
-            del batch, sums  # the next read-ahead payload may take this one's memory
-        self._grad_scale = None
+        try:
+            for m, batch in enumerate(batches):
+                batch = self.materialize(batch)
+                if self.fsdp:  # reduce gradients across ranks once, after the last micro-batch
+                    self.model.set_requires_gradient_sync(m == len(batches) - 1)
+                sums = self._forward_loss(batch)
+                (sums.loss / denom).backward()
+                assert sums.num_tokens == batch.num_tokens, "compute_loss counted other tokens than make_targets"
+                acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)
+                del batch, sums  # the next read-ahead payload may take this one's memory
+        finally:
+            self._grad_scale = None
         loss_sum, ce_sum, kl_sum = acc.tolist()
         grad_norm = self._clip()
         lr = self.scheduler.get_last_lr()[0]
@@ -417,7 +419,13 @@ class DistillTrainer(Trainer):
         return model_loss(model, batch.input_ids_BL, batch.targets_BL, teacher_fn, vocab_size=self.vocab_size,
                           alpha=self.cfg.alpha, temperature=self.cfg.temperature,
                           chunk_size=self.cfg.loss_chunk_size, divergence=self.cfg.divergence, beta=self.cfg.beta,
-                          grad_scale=self._grad_scale if torch.is_grad_enabled() else None)
+                          grad_scale=self._grad_scale if self._declares_grad_scale() else None)
+
+    def _declares_grad_scale(self) -> bool:
+        """Whether the loss may take the step's factor (losses.head_loss grad_scale): only for this class's own
+        compute_loss, whose loss train_step backpropagates as it is. A subclass that overrides compute_loss may
+        rescale, detach or replace the loss, so its head's gradient goes through autograd."""
+        return torch.is_grad_enabled() and type(self).compute_loss is DistillTrainer.compute_loss
 
 
 def teacher_targets_fn(tb, temperature: float, vocab_size: int | None):

@@ -575,14 +575,15 @@ def _sinked(h, W, b, spec, y, t, *, scale, grad, backward_factor=None, **kw):
     return sums, h.grad, W.grad, None if b is None else b.grad, mode.largest
 
 
-@pytest.mark.parametrize("existing", [False, True])
-def test_grad_scale_adds_the_scaled_head_gradient_into_grad_without_a_head_sized_buffer(existing):
+@pytest.mark.parametrize("existing, V", [(False, 50), (True, 50), (True, 41)])
+def test_grad_scale_adds_the_scaled_head_gradient_into_grad_without_a_head_sized_buffer(existing, V):
     """With grad_scale the head's gradient goes into W.grad, times the scale, in the chunk loop: W.grad ends as
     what was there + scale * the float64 reference's, h's and b's gradients are the reference's times the scale,
-    and no tensor of the head's size is created besides W.grad (without grad_scale there is one: the buffer)."""
+    and no tensor of the head's size is created besides W.grad (without grad_scale there is one: the buffer).
+    V = 41 < P = 50: a padded head, whose rows beyond V keep exactly what their .grad held."""
     N, d, P = 16, 64, 50  # the head (P x d) is larger than any chunk block (4 x P) or h (N x d)
-    h, W, b, y, t, g = head_case(N=N, d=d, P=P, seed=21)
-    spec = HeadSpec(P, scale=0.8, softcap=6.0)
+    h, W, b, y, t, g = head_case(N=N, d=d, P=P, V=V, seed=21)
+    spec = HeadSpec(V, scale=0.8, softcap=6.0)
     before = torch.randn(P, d, generator=g) if existing else None
     kw = dict(alpha=0.4, divergence="jsd", beta=0.3, chunk_size=4)
     sums, gh, gw, gb, largest = _sinked(h, W, b, spec, y, t, scale=0.125, grad=before, **kw)
@@ -591,6 +592,8 @@ def test_grad_scale_adds_the_scaled_head_gradient_into_grad_without_a_head_sized
     close(gh, 0.125 * rh)
     close(gb, 0.125 * rb)
     close(gw, (0 if before is None else before.double()) + 0.125 * rw)
+    if existing and V < P:
+        assert torch.equal(gw[V:], before[V:])
     if existing:
         assert largest < P * d, largest  # W.grad was there: nothing of its size is made
     *_, plain = _sinked(h, W, b, spec, y, t, scale=None, grad=before, backward_factor=0.125, **kw)
