@@ -172,9 +172,12 @@ def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, dat
     from distill_pipe.distributed import DistInfo, fsdp_wrap
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Rendezvous through a file in the run's own folder, not a TCP port: a port just freed can be taken by a
+    # process of an earlier test still retrying its own store there (seen: a rank aborting at start, in a
+    # full run only).
+    Path(out).mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out) / 'rendezvous'}", rank=rank, world_size=world)
     try:
         model = fsdp_wrap(tiny_model(0, tied=tied), param_dtype)
         kw = trainer_kw() if trainer_kw else {}
