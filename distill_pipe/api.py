@@ -254,11 +254,11 @@ class DistillLoss:
         # One process, no DDP wrapper: the loss may add the head's gradient into .grad itself (as the train stage
         # does); under DDP, whose reduction hooks on gradient accumulation, autograd must hand it over.
         alone = not dist.is_initialized() and not hasattr(model, "no_sync")
+        scale = self.normalise(torch.ones(()), step_tokens).item() if alone else None
         for m, batch in enumerate(batches):
             last = m == len(batches) - 1
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync:
-                scale = self.normalise(torch.ones(()), step_tokens).item() if alone else None
                 sums = self(model, batch, grad_scale=scale)
                 self.normalise(sums.loss, step_tokens).backward()
             acc += torch.stack([sums.loss.detach(), sums.ce, sums.kl]).to(torch.float64)

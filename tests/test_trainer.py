@@ -4,8 +4,6 @@ checkpoint atomicity and keep_last; KD plumbing (vocab slicing, eval normalisati
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -158,13 +156,7 @@ def test_alpha_one_equals_plain_ce_training(tmp_path, tied):
     assert float(rows[0]["kl"]) == 0 and float(rows[0]["loss"]) == pytest.approx(float(rows[0]["ce"]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_worker(rank: int, world: int, port: int, out: str, c: TrainConfig, data: dict, param_dtype,
+def _fsdp_worker(rank: int, world: int, out: str, c: TrainConfig, data: dict, param_dtype,
                  trainer_kw=None, tied: bool = False) -> None:
     """trainer_kw: None (a MaskedTrainer) or a picklable () -> {"cls": ..., **constructor kwargs}."""
     import torch.distributed as dist
@@ -195,7 +187,7 @@ def run_ranks(out: Path, c: TrainConfig, data: dict, world: int = 2, param_dtype
               tied: bool = False) -> dict:
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(out), c, data, param_dtype, trainer_kw, tied), nprocs=world,
+    mp.spawn(_fsdp_worker, args=(world, str(out), c, data, param_dtype, trainer_kw, tied), nprocs=world,
              join=True)
     return torch.load(out / "weights.pt")
 
